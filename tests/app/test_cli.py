@@ -1,0 +1,55 @@
+"""The CLI contract: subcommands exist, user errors are one line + exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from app.cli import COMMANDS, run
+
+
+def test_help_lists_design_subcommands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("demo", "metadata", "schemer", "job", "rank", "simulate"):
+        assert name in out
+    assert set(COMMANDS) >= {"demo", "metadata", "schemer", "job", "rank", "simulate", "gui"}
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit):
+        run(["--version"])
+    assert capsys.readouterr().out.startswith("scopeside ")
+
+
+def test_job_unknown_type_is_a_user_error(tmp_path, capsys):
+    assert run(["job", "frobnicate", "--o", str(tmp_path / "j")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown job type 'frobnicate'" in err and "Traceback" not in err
+
+
+def test_entry_point_runs_as_module_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "app.cli", "job", "nope", "--o", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_settings_error_names_key_and_file(tmp_path, monkeypatch):
+    from app.errors import UserError
+    from app.settings import load_settings
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("[executor]\nkind = 'pbs'\n")
+    with pytest.raises(UserError) as exc:
+        load_settings(site_path=cfg)
+    assert "executor.kind" in str(exc.value) and str(cfg) in str(exc.value)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "scopeside.toml").write_text("[compute]\nthreads = 4\n")
+    s = load_settings(proj, site_path=tmp_path / "missing.toml")
+    assert s.compute.threads == 4 and s.executor.kind == "local"
