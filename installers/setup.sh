@@ -15,6 +15,8 @@ PYTHON="${PYTHON:-python3}"
 ACTION="${1:-none}"
 [ $# -gt 0 ] && shift
 
+# pip on some machines warns about configured local package folders that do not exist: hide that noise
+pip_quiet() { "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2); }
 say() { printf '[scopeside setup] %s\n' "$*" >&2; }
 
 # --- system libraries (Qt offscreen + xcb, fonts, virtual screen) ------------------------------
@@ -59,7 +61,8 @@ if [ ! -x "$VENV/bin/python" ]; then
     say "creating virtual environment $VENV"
     "$PYTHON" -m venv "$VENV" || { say "python venv failed: apt-get install python3-venv"; exit 2; }
 fi
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+PIP=(pip_quiet "$VENV/bin/python" -m pip --disable-pip-version-check -q)
+
 
 gpu=no
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=yes; fi
@@ -98,7 +101,7 @@ case "$ACTION" in
     launcher) install_launcher ;;
     test)
         export QT_QPA_PLATFORM="${QT_QPA_PLATFORM:-offscreen}"
-        "$VENV/bin/ruff" check app compute metadata tests benchmarks
+        "$VENV/bin/ruff" check "$REPO"
         exec "$VENV/bin/python" -m pytest "$@" ;;
     *) say "unknown action '$ACTION' (demo | test | gui | launcher)"; exit 2 ;;
 esac
