@@ -60,13 +60,14 @@ def _origins(origins_px, n: int, xp):
 def phase_shift_grid(box: int, origins_px, xp=np):
     """Fourier phase factors on the rfft grid that place the image centre at ``box // 2``
     and translate it by ``-origin`` (RELION origin convention), ``(n, box, box//2+1)``."""
-    ky = xp.fft.fftfreq(box)[None, :, None]
-    kx = xp.fft.rfftfreq(box)[None, None, :]
+    ky = xp.fft.fftfreq(box)
+    kx = xp.fft.rfftfreq(box)
     o = xp.asarray(origins_px, dtype=np.float64).reshape(-1, 2)
     c = box // 2
-    sx = (c - o[:, 0])[:, None, None]
-    sy = (c - o[:, 1])[:, None, None]
-    return xp.exp(-2j * np.pi * (kx * sx + ky * sy)).astype(np.complex64)
+    # separable: exp(-2 pi i (kx sx + ky sy)) = exp(-2 pi i kx sx) * exp(-2 pi i ky sy)
+    px = xp.exp(-2j * np.pi * kx[None, :] * (c - o[:, 0])[:, None]).astype(np.complex64)
+    py = xp.exp(-2j * np.pi * ky[None, :] * (c - o[:, 1])[:, None]).astype(np.complex64)
+    return py[:, :, None] * px[:, None, :]
 
 
 class Projector:
