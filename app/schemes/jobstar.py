@@ -1,13 +1,28 @@
-"""Read and write RELION 4 ``job.star`` files (``data_job`` + ``data_joboptions_values``)."""
+"""Read and write RELION 4 ``job.star`` files (``data_job`` + ``data_joboptions_values``).
+
+The layout is RELION 4's byte for byte (see :mod:`app.schemes.starfmt`)::
+
+    data_job
+    _rlnJobTypeLabel             relion.class2d
+    _rlnJobIsContinue                       0
+    _rlnJobIsTomo                           0
+    data_joboptions_values
+    loop_
+    _rlnJobOptionVariable #1
+    _rlnJobOptionValue #2
+    nr_classes        100
+
+Options are written in the order they are held (RELION writes them sorted by name; a file
+read from RELION therefore comes back in RELION's order).
+"""
 
 from __future__ import annotations
 
-import os
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.errors import UserError
+from app.schemes import starfmt
 
 
 @dataclass
@@ -18,35 +33,49 @@ class JobStar:
     options: dict[str, str] = field(default_factory=dict)
 
 
-def _quote(v: str) -> str:
-    v = str(v)
-    if v == "" :
-        return '""'
-    if any(c.isspace() for c in v) or v.startswith(("#", "_", ";")) or '"' in v:
-        return '"' + v.replace('"', "'") + '"'
-    return v
-
-
 def format_job_star(js: JobStar) -> str:
-    lines = ["", "# version 40000", "", "data_job", ""]
-    lines.append(f"_rlnJobTypeLabel             {js.type_label}")
-    lines.append(f"_rlnJobIsContinue                       {int(js.is_continue)}")
-    lines.append(f"_rlnJobIsTomo                           {int(js.is_tomo)}")
-    lines += [" ", "", "# version 40000", "", "data_joboptions_values", "", "loop_ ",
-              "_rlnJobOptionVariable #1 ", "_rlnJobOptionValue #2 "]
-    width = max([len(k) for k in js.options] + [1])
-    for k, v in js.options.items():
-        lines.append(f"{k:<{width}} {_quote(v)} ")
-    lines.append(" ")
-    return "\n".join(lines) + "\n"
+    """The text RELION 4 writes for this job."""
+    head = starfmt.format_list("job", [("rlnJobTypeLabel", js.type_label),
+                                       ("rlnJobIsContinue", bool(js.is_continue)),
+                                       ("rlnJobIsTomo", bool(js.is_tomo))])
+    rows = [[k, str(v)] for k, v in js.options.items()]
+    body = starfmt.format_loop("joboptions_values", ["rlnJobOptionVariable", "rlnJobOptionValue"],
+                               rows)
+    return head + body
 
 
 def write_job_star(path: Path, js: JobStar) -> None:
     """Write atomically (temporary file, then rename)."""
+    starfmt.atomic_write(path, format_job_star(js))
+
+
+def _truthy(text: str) -> bool:
+    return text.strip().lower() in ("1", "yes", "true")
+
+
+def parse_job_star(text: str, path: Path | str = "<text>") -> JobStar:
+    """Parse job.star text (RELION 4 layout; RELION 3.1's ``_rlnJobType`` number is accepted)."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(format_job_star(js), encoding="utf-8")
-    os.replace(tmp, path)
+    blocks = starfmt.parse(text, path)
+    job = blocks.get("job")
+    if job is None:
+        raise UserError(f"{path}: not a RELION job.star (no data_job block)")
+    label = job.pairs.get("rlnJobTypeLabel", "")
+    if not label:
+        raise UserError(f"{path}: not a RELION job.star (no _rlnJobTypeLabel)")
+    js = JobStar(type_label=label, is_continue=_truthy(job.pairs.get("rlnJobIsContinue", "0")),
+                 is_tomo=_truthy(job.pairs.get("rlnJobIsTomo", "0")))
+    opts = blocks.get("joboptions_values")
+    if opts is not None:
+        try:
+            ki = opts.labels.index("rlnJobOptionVariable")
+            vi = opts.labels.index("rlnJobOptionValue")
+        except ValueError:
+            raise UserError(f"{path}: data_joboptions_values lacks _rlnJobOptionVariable/"
+                            "_rlnJobOptionValue") from None
+        for row in opts.rows:
+            js.options[row[ki]] = row[vi]
+    return js
 
 
 def read_job_star(path: Path) -> JobStar:
@@ -56,43 +85,4 @@ def read_job_star(path: Path) -> JobStar:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise UserError(f"{path}: cannot read job.star ({exc.strerror})") from None
-    block = None
-    js = JobStar(type_label="")
-    in_loop = False
-    ncols = 0
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("data_"):
-            block = line[5:]
-            in_loop = False
-            ncols = 0
-            continue
-        if line.startswith("loop_"):
-            in_loop = True
-            continue
-        if block == "job" and line.startswith("_rln"):
-            parts = shlex.split(line)
-            key, val = parts[0], parts[1] if len(parts) > 1 else ""
-            if key == "_rlnJobTypeLabel":
-                js.type_label = val
-            elif key == "_rlnJobIsContinue":
-                js.is_continue = val.strip() in ("1", "Yes", "true")
-            elif key == "_rlnJobIsTomo":
-                js.is_tomo = val.strip() in ("1", "Yes", "true")
-            continue
-        if block == "joboptions_values" and in_loop:
-            if line.startswith("_rln"):
-                ncols += 1
-                continue
-            try:
-                parts = shlex.split(line)
-            except ValueError:
-                parts = line.split(None, 1)
-            if len(parts) == 1:
-                parts.append("")
-            js.options[parts[0]] = parts[1]
-    if not js.type_label:
-        raise UserError(f"{path}: not a RELION job.star (no _rlnJobTypeLabel)")
-    return js
+    return parse_job_star(text, path)
