@@ -1,0 +1,242 @@
+"""Make the class ranker's training data, train it and validate it (the files side).
+
+Usage (the shipped weights were made exactly so; see ``resources/ranker/README.md``)::
+
+    python -m app.ranker_training generate --split train --jobs 110 --seed 1 --out DATA
+    python -m app.ranker_training generate --split val   --jobs 12  --seed 9001 --out DATA
+    python -m app.ranker_training train --data DATA --out resources/ranker
+    python -m app.ranker_training evaluate --data DATA --weights resources/ranker
+
+``generate`` simulates 2D-classification jobs with :mod:`compute.ranker.synth` (class
+averages of simulated particles from :mod:`compute.simulate`, with ground-truth labels)
+and stores the network images, raw features and labels in ``DATA/<split>.npz``. The
+training split uses the molecules in ``TRAIN_MOLECULES``, the validation split the
+held-aside ``VAL_MOLECULES`` under independently drawn conditions. ``add-jobs`` adds
+labelled real classification outputs (``run_itNNN_model.star`` with ground-truth
+particle labels) to a split.
+
+``train`` fits the full network and the two baselines (features only, image only) with
+``torch.set_num_threads(2)``, writes ``ranker.pt`` (full model + feature statistics),
+``feature_stats.json`` and ``validation.json``/``validation.md`` (MSE, particle-level
+FPR/FNR at the 0.15 threshold for all three).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("scopeside.ranker_training")
+
+TRAIN_MOLECULES = ["asym", "ribosome", "rod", "small"]
+VAL_MOLECULES = ["c4ring", "d2"]
+THRESHOLD = 0.15
+CHECKPOINT_NAME = "ranker.pt"
+
+
+# --- data generation -----------------------------------------------------------------------
+
+def generate(split: str, n_jobs: int, seed: int, out: Path, molecules: list[str] | None = None
+             ) -> Path:
+    """Simulate ``n_jobs`` jobs and write ``out/<split>.npz``; returns its path."""
+    from compute.ranker.features import job_features, network_images
+    from compute.ranker.synth import random_conditions, synth_job
+
+    mols = molecules or (TRAIN_MOLECULES if split == "train" else VAL_MOLECULES)
+    rng = np.random.default_rng(seed)
+    cols: dict[str, list] = {k: [] for k in ("images", "features", "scored", "target", "purity",
+                                             "frc", "good", "n_particles", "job", "kind")}
+    jobs = []
+    t0 = time.monotonic()
+    for j in range(n_jobs):
+        cond = random_conditions(rng, mols)
+        imgs, metas, truth = synth_job(cond, seed * 100003 + j)
+        X, scored = job_features(imgs, metas, cond.pixel_size_a, cond.diameter_a)
+        net = network_images(imgs, cond.pixel_size_a, cond.diameter_a)
+        cols["images"].append(net.astype(np.float16))
+        cols["features"].append(X)
+        cols["scored"].append(scored)
+        cols["target"].append([t.score for t in truth])
+        cols["purity"].append([t.purity for t in truth])
+        cols["frc"].append([t.frc_score for t in truth])
+        cols["good"].append([t.good for t in truth])
+        cols["n_particles"].append([m.n_particles for m in metas])
+        cols["job"].append([j] * len(truth))
+        cols["kind"].append([t.kind for t in truth])
+        c = asdict(cond)
+        jobs.append(c)
+        log.info("%s job %d/%d: %s box %d px %.2f SNR %.3f, %d classes (%.0f s)", split, j + 1,
+                 n_jobs, cond.molecule, cond.box, cond.pixel_size_a, cond.snr, len(truth),
+                 time.monotonic() - t0)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{split}.npz"
+    np.savez_compressed(
+        path, images=np.concatenate(cols["images"]), features=np.concatenate(cols["features"]),
+        scored=np.concatenate(cols["scored"]),
+        **{k: np.concatenate([np.asarray(v) for v in cols[k]])
+           for k in ("target", "purity", "frc", "good", "n_particles", "job", "kind")})
+    (out / f"{split}_jobs.json").write_text(json.dumps(jobs, indent=1), encoding="utf-8")
+    return path
+
+
+def load_split(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as d:
+        data = {k: d[k] for k in d.files}
+    keep = data["scored"].astype(bool)
+    return {k: v[keep] for k, v in data.items()}
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+def selection_rates(pred: np.ndarray, good: np.ndarray, n_particles: np.ndarray,
+                    threshold: float = THRESHOLD) -> tuple[float, float]:
+    """Particle-level (FPR, FNR) of selecting ``pred >= threshold`` against ground-truth classes.
+
+    FPR: particles in ground-truth bad classes that are selected / particles in bad classes.
+    FNR: particles in ground-truth good classes that are not selected / particles in good classes.
+    """
+    sel = pred >= threshold
+    g = good.astype(bool)
+    w = n_particles.astype(np.float64)
+    fpr = float(w[sel & ~g].sum() / max(w[~g].sum(), 1e-12))
+    fnr = float(w[~sel & g].sum() / max(w[g].sum(), 1e-12))
+    return fpr, fnr
+
+
+def evaluate_predictions(pred: np.ndarray, data: dict[str, np.ndarray]) -> dict:
+    """MSE, overall FPR/FNR and per-job FPR/FNR of clipped predictions."""
+    p = np.clip(pred, 0.0, 1.0)
+    fpr, fnr = selection_rates(p, data["good"], data["n_particles"])
+    per_job = []
+    for j in np.unique(data["job"]):
+        m = data["job"] == j
+        jf, jn = selection_rates(p[m], data["good"][m], data["n_particles"][m])
+        per_job.append({"job": int(j), "fpr": jf, "fnr": jn, "classes": int(m.sum())})
+    return {"mse": float(np.mean((p - data["target"]) ** 2)), "fpr": fpr, "fnr": fnr,
+            "per_job": per_job}
+
+
+# --- training --------------------------------------------------------------------------------
+
+def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str],
+          seed: int = 0) -> dict:
+    """Train the full model and the baselines; write the checkpoint and validation figures."""
+    import torch
+
+    from compute.ranker.features import FeatureStats, normalise_features
+    from compute.ranker.train import TrainConfig, fit, predict
+
+    tr = load_split(data_dir / "train.npz")
+    va = load_split(data_dir / "val.npz")
+    stats = FeatureStats.fit(tr["features"])
+    Ztr = normalise_features(tr["features"], stats)
+    Zva = normalise_features(va["features"], stats)
+    Itr = tr["images"].astype(np.float32)
+    Iva = va["images"].astype(np.float32)
+    log.info("training on %d classes (%d jobs), validating on %d classes (%d jobs)",
+             len(Itr), len(np.unique(tr["job"])), len(Iva), len(np.unique(va["job"])))
+    results: dict = {"train_classes": int(len(Itr)), "val_classes": int(len(Iva)),
+                     "train_jobs": int(len(np.unique(tr["job"]))),
+                     "val_jobs": int(len(np.unique(va["job"]))),
+                     "threshold": THRESHOLD, "models": {}}
+    out.mkdir(parents=True, exist_ok=True)
+    for mode in modes:
+        cfg = TrainConfig(mode=mode, epochs=epochs, threads=threads, seed=seed)
+        t0 = time.monotonic()
+        model, hist = fit(Itr, Ztr, tr["target"], cfg, val=(Iva, Zva, va["target"]))
+        secs = time.monotonic() - t0
+        ev = evaluate_predictions(predict(model, Iva, Zva), va)
+        ev_tr = evaluate_predictions(predict(model, Itr, Ztr), tr)
+        results["models"][mode] = {"val": ev, "train_mse": ev_tr["mse"], "seconds": secs,
+                                   "epochs": epochs, "history": hist}
+        log.info("%s: val MSE %.4f FPR %.3f FNR %.3f (%.0f s)", mode, ev["mse"], ev["fpr"],
+                 ev["fnr"], secs)
+        if mode == "full":
+            ckpt = {"config": model.config(), "state_dict": model.state_dict(),
+                    "feature_stats": stats.to_dict(),
+                    "info": {"threshold": THRESHOLD, "val_mse": ev["mse"], "val_fpr": ev["fpr"],
+                             "val_fnr": ev["fnr"], "train_molecules": TRAIN_MOLECULES,
+                             "val_molecules": VAL_MOLECULES}}
+            torch.save(ckpt, out / CHECKPOINT_NAME)
+            (out / "feature_stats.json").write_text(json.dumps(stats.to_dict(), indent=1),
+                                                    encoding="utf-8")
+    (out / "validation.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    (out / "validation.md").write_text(validation_table(results), encoding="utf-8")
+    return results
+
+
+def validation_table(results: dict) -> str:
+    lines = [f"Validation: {results['val_classes']} scored classes from {results['val_jobs']} "
+             f"held-aside jobs (molecules {', '.join(VAL_MOLECULES)}); training: "
+             f"{results['train_classes']} classes from {results['train_jobs']} jobs "
+             f"({', '.join(TRAIN_MOLECULES)}). Threshold {results['threshold']}.", "",
+             "| model | val MSE | train MSE | particle FPR | particle FNR | worst job FPR | "
+             "worst job FNR | train time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mode, r in results["models"].items():
+        v = r["val"]
+        wf = max(j["fpr"] for j in v["per_job"])
+        wn = max(j["fnr"] for j in v["per_job"])
+        lines.append(f"| {mode} | {v['mse']:.4f} | {r['train_mse']:.4f} | {v['fpr']:.3f} | "
+                     f"{v['fnr']:.3f} | {wf:.3f} | {wn:.3f} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(data_dir: Path, weights_dir: Path) -> dict:
+    """Score the validation split with shipped weights (checks the checkpoint round trip)."""
+    from app.jobs.rank_select import load_ranker
+    from compute.ranker.features import normalise_features
+    from compute.ranker.train import predict
+
+    ranker = load_ranker(weights_dir / CHECKPOINT_NAME)
+    va = load_split(data_dir / "val.npz")
+    Z = normalise_features(va["features"], ranker.stats)
+    return evaluate_predictions(predict(ranker.model, va["images"].astype(np.float32), Z), va)
+
+
+# --- entry point ------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m app.ranker_training", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="simulate labelled jobs into DATA/<split>.npz")
+    g.add_argument("--split", choices=["train", "val"], required=True)
+    g.add_argument("--jobs", type=int, required=True)
+    g.add_argument("--seed", type=int, required=True)
+    g.add_argument("--out", type=Path, required=True)
+    g.add_argument("--molecules", default="", help="comma-separated (default: per split)")
+    t = sub.add_parser("train", help="train the network and the two baselines")
+    t.add_argument("--data", type=Path, required=True)
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--modes", default="full,features,image")
+    t.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("evaluate", help="validation figures of shipped weights")
+    e.add_argument("--data", type=Path, required=True)
+    e.add_argument("--weights", type=Path, required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if args.cmd == "generate":
+        mols = [m for m in args.molecules.split(",") if m] or None
+        print(generate(args.split, args.jobs, args.seed, args.out, mols))
+    elif args.cmd == "train":
+        res = train(args.data, args.out, args.epochs, args.threads, args.modes.split(","),
+                    args.seed)
+        print(validation_table(res))
+    else:
+        ev = evaluate(args.data, args.weights)
+        print(json.dumps({k: v for k, v in ev.items() if k != "per_job"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

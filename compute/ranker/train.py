@@ -1,0 +1,121 @@
+"""Training loop of the class ranker (arrays in, a trained network out; no files).
+
+The command that makes the training data, trains and writes the shipped weights is
+``python -m app.ranker_training`` (file I/O lives in the app layer); this module only
+fits a :class:`compute.ranker.model.RankerNet` to arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from compute.ranker.model import RankerNet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters. ``threads`` caps torch's CPU threads (the machine is shared)."""
+
+    mode: str = "full"
+    epochs: int = 25
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    threads: int = 2
+
+
+def _augment(img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random 90° rotation and flip: a class average has no preferred in-plane orientation."""
+    k = int(torch.randint(0, 4, (1,), generator=gen))
+    out = torch.rot90(img, k, dims=(2, 3))
+    if int(torch.randint(0, 2, (1,), generator=gen)):
+        out = torch.flip(out, dims=(3,))
+    return out
+
+
+def predict(model: RankerNet, images: np.ndarray, features: np.ndarray, batch: int = 256,
+            device: str = "cpu") -> np.ndarray:
+    """Raw network outputs (not clipped) for ``images (N,64,64)`` and normalised ``features``."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for b in range(0, len(images), batch):
+            x = torch.as_tensor(images[b:b + batch], dtype=torch.float32, device=device)[:, None]
+            f = torch.as_tensor(features[b:b + batch], dtype=torch.float32, device=device)
+            out.append(model(x, f).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def fit(images: np.ndarray, features: np.ndarray, targets: np.ndarray, cfg: TrainConfig,
+        val: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        weights: np.ndarray | None = None,
+        on_epoch: Callable[[int, float, float | None], None] | None = None
+        ) -> tuple[RankerNet, list[dict]]:
+    """Fit a network by MSE with Adam and a cosine learning-rate schedule.
+
+    Parameters
+    ----------
+    images : (N, 64, 64) float32 standardised network images.
+    features : (N, F) float32 normalised features.
+    targets : (N,) scores in [0, 1].
+    cfg : TrainConfig
+    val : optional (images, features, targets) evaluated after every epoch.
+    weights : optional per-sample loss weights.
+
+    Returns
+    -------
+    The trained model (in eval mode) and the per-epoch history
+    (``epoch``, ``train_mse``, ``val_mse``, ``seconds``).
+    """
+    torch.set_num_threads(max(1, int(cfg.threads)))
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = RankerNet(mode=cfg.mode, n_features=features.shape[1])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(targets)
+    steps = cfg.epochs * max(1, int(np.ceil(n / cfg.batch_size)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps,
+                                                pct_start=0.15)
+    X = torch.as_tensor(images, dtype=torch.float32)[:, None]
+    Fz = torch.as_tensor(features, dtype=torch.float32)
+    y = torch.as_tensor(targets, dtype=torch.float32)
+    w = torch.as_tensor(np.ones(n) if weights is None else weights, dtype=torch.float32)
+    hist: list[dict] = []
+    t0 = time.monotonic()
+    for ep in range(cfg.epochs):
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        tot, cnt = 0.0, 0
+        for b in range(0, n, cfg.batch_size):
+            idx = perm[b:b + cfg.batch_size]
+            xb = _augment(X[idx], gen) if cfg.mode != "features" else X[idx]
+            pred = model(xb, Fz[idx])
+            loss = (w[idx] * (pred - y[idx]) ** 2).sum() / w[idx].sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += float(loss) * len(idx)
+            cnt += len(idx)
+        vm = None
+        if val is not None:
+            p = np.clip(predict(model, val[0], val[1]), 0, 1)
+            vm = float(np.mean((p - val[2]) ** 2))
+        hist.append({"epoch": ep + 1, "train_mse": tot / max(cnt, 1), "val_mse": vm,
+                     "seconds": time.monotonic() - t0})
+        log.info("%s epoch %d/%d train MSE %.4f val MSE %s (%.0f s)", cfg.mode, ep + 1,
+                 cfg.epochs, tot / max(cnt, 1), "-" if vm is None else f"{vm:.4f}",
+                 time.monotonic() - t0)
+        if on_epoch is not None:
+            on_epoch(ep + 1, tot / max(cnt, 1), vm)
+    model.eval()
+    return model, hist
