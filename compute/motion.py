@@ -1,0 +1,712 @@
+"""Beam-induced motion correction (RELION's own MotionCor2-like algorithm), arrays in and out.
+
+Pipeline (:func:`correct_motion`), streaming over the frames twice so a 4096² x 40 movie never
+has to sit in memory as float32:
+
+1. **Pass 1** — per frame: gain-normalise (``raw * gain``, gain rotated/flipped beforehand with
+   :func:`transform_gain`), fill defect pixels, accumulate the full-size sum (for hot/dead pixel
+   detection) and keep a sum-binned copy (at most ``align_max_size`` pixels on the long side)
+   for alignment.
+2. **Defects** — hot/dead pixels are found in the sum (robust ``hot_pixel_sigma`` outliers) and
+   their static contribution is removed from the binned frames (a static pattern would pull
+   every shift towards zero).
+3. **Whole-frame alignment** (:func:`align_stack`) — each frame (or group of frames) is
+   cross-correlated in Fourier space against the sum of all *other* aligned frames, weighted
+   by ``exp(-B k² / 4)``; the peak's parabolic sub-pixel position updates the shift, and the
+   loop repeats until the largest update is below ``tolerance_px``. Because the frames are
+   re-shifted by the current estimate every iteration, the final residual peak sits at zero
+   lag where the parabolic fit is unbiased.
+4. **Patch alignment** — the globally aligned binned frames are cut into ``patch_y x patch_x``
+   patches, each patch stack is aligned the same way (all patches in one batched FFT) and the
+   residual shifts are fitted by a smooth model: the residual displacement is
+   ``sum_j c_j(t) f_j(x, y)`` with ``f`` in {1, x, y, x², xy, y²} and ``c_j(t)`` a cubic in time
+   without constant term (MotionCor2's form), plus a free offset per patch.
+5. **Pass 2** — per frame (in reverse order): local residual warp (bilinear), FFT, global shift
+   by the Fourier shift theorem, accumulation of the plain sum and of the dose-weighted sum by a
+   Horner scheme (``acc = acc * r(k) + F``; ``r = exp(-dose_per_frame / (2 Ne(k)))``) with the
+   Grant & Grigorieff critical exposure ``Ne(k) = 0.245 k^-1.665 + 2.81`` e/Å² (x 0.8 below
+   250 kV). The weighted sum is renormalised by ``sqrt(n / sum q²)`` per frequency so white noise
+   stays white. Optional binning is a Fourier crop of both sums before the inverse FFT.
+
+Shift convention: ``shifts[i] = (dy, dx)`` is the displacement of frame ``i``'s content
+relative to frame 0 in unbinned pixels, i.e. ``frame_i(x) = frame_0(x - shift_i)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import numpy as np
+
+from compute import backend as be
+from compute.backend import xp_of
+from compute.errors import ComputeError
+
+log = logging.getLogger(__name__)
+
+#: dose (e/Å²) separating "early" from "late" accumulated motion, as RELION does
+EARLY_DOSE_E_A2 = 4.0
+
+
+# --------------------------------------------------------------------------------------------
+# gain, defects, binning
+# --------------------------------------------------------------------------------------------
+
+def transform_gain(gain, rotation: int = 0, flip: int = 0):
+    """Rotate then flip a gain reference as RELION's ``gain_rot``/``gain_flip`` options do.
+
+    Parameters
+    ----------
+    gain
+        2D gain reference (multiplied into the raw frames).
+    rotation
+        Number of 90° clockwise turns as seen with row 0 at the top (0-3; RELION's
+        "No rotation (0)", "90 degrees (1)", ...).
+    flip
+        0 none, 1 upside down (rows reversed), 2 left to right (columns reversed).
+    """
+    xp = xp_of(gain)
+    rotation = int(rotation) % 4
+    if int(flip) not in (0, 1, 2):
+        raise ComputeError(f"gain flip must be 0, 1 or 2, got {flip}")
+    g = xp.rot90(gain, k=-rotation)
+    if int(flip) == 1:
+        g = g[::-1, :]
+    elif int(flip) == 2:
+        g = g[:, ::-1]
+    return xp.ascontiguousarray(g)
+
+
+def bin_sum(img, factor: int):
+    """Sum-bin the last two axes by an integer factor (edges that do not fill a bin are dropped)."""
+    if factor <= 1:
+        return img
+    ny, nx = img.shape[-2:]
+    h, w = ny // factor, nx // factor
+    a = img[..., : h * factor, : w * factor]
+    a = a.reshape(*img.shape[:-2], h, factor, w, factor)
+    return a.sum(axis=(-3, -1), dtype=np.float32)
+
+
+def taper_profiles(shape: tuple[int, int], edge_frac: float = 0.05) -> list[np.ndarray]:
+    """1D raised-cosine edge profiles (y, x) of :func:`taper_window`."""
+    out = []
+    for n in shape:
+        e = max(1, int(round(edge_frac * n)))
+        w = np.ones(n, dtype=np.float32)
+        ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(e) + 0.5) / e)
+        w[:e] = ramp
+        w[n - e:] = ramp[::-1]
+        out.append(w)
+    return out
+
+
+def taper_window(shape: tuple[int, int], edge_frac: float = 0.05, xp: ModuleType = np):
+    """Separable raised-cosine edge taper (1 inside, 0 at the border) against FFT edge artefacts."""
+    wy, wx = taper_profiles(shape, edge_frac)
+    return xp.asarray(wy[:, None] * wx[None, :])
+
+
+def _overlap_norm(shifts, profiles, r: int):
+    """Window-overlap envelope D_i(lag) = sum_{j != i} O(lag + s_i - s_j) for each frame.
+
+    Frames are windowed before their content is re-aligned, so the windows of different
+    frames sit at different places; the overlap of frame i's window with the others' changes
+    with the lag and would pull the peak. Dividing the correlation by this envelope removes
+    that bias. ``O`` is the (separable) autocorrelation of the window, from the 1D profiles.
+    """
+    s = np.asarray(shifts, dtype=np.float64)  # (..., n, 2)
+    lags = np.arange(-r, r + 1, dtype=np.float64)
+    parts = []
+    for a, w in enumerate(profiles):
+        w = w.astype(np.float64)
+        ac = np.correlate(w, w, mode="full") / float(np.dot(w, w))  # lags -(n-1)..(n-1)
+        pos = np.arange(-(w.size - 1), w.size, dtype=np.float64)
+        d = s[..., :, None, a] - s[..., None, :, a]  # (..., n, n)
+        parts.append(np.interp(lags + d[..., None], pos, ac))  # (..., n, n, L)
+    o = parts[0][..., :, None] * parts[1][..., None, :]  # (..., n, n, L, L)
+    n = s.shape[-2]
+    o = o * (1.0 - np.eye(n))[..., None, None]
+    return o.sum(axis=-3)  # (..., n, L, L)
+
+
+def detect_defects(total, n_sigma: float = 6.0, sample: int = 200_000, seed: int = 0):
+    """Hot and dead pixels of a frame sum: robust ``n_sigma`` outliers from the median.
+
+    Returns a boolean mask (True = defect).
+    """
+    xp = xp_of(total)
+    flat = total.ravel()
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, flat.size, size=min(sample, flat.size))
+    s = be.to_numpy(flat[xp.asarray(idx)]).astype(np.float64)
+    med = float(np.median(s))
+    mad = float(np.median(np.abs(s - med))) * 1.4826
+    sigma = max(mad, np.sqrt(max(med, 1.0)) * 0.5, 1e-6)
+    return (total > med + n_sigma * sigma) | (total < med - n_sigma * sigma)
+
+
+# --------------------------------------------------------------------------------------------
+# alignment
+# --------------------------------------------------------------------------------------------
+
+def _freq_grids(shape: tuple[int, int], xp: ModuleType):
+    ny, nx = shape
+    ky = xp.fft.fftfreq(ny).astype(np.float32)
+    kx = xp.fft.rfftfreq(nx).astype(np.float32)
+    return ky, kx
+
+
+def _phase_ramps(shifts, ky, kx, xp: ModuleType):
+    """exp(+2 pi i k.s) factors (separable) that undo a displacement ``s`` (..., 2)."""
+    sy = shifts[..., 0:1].astype(np.float32)
+    sx = shifts[..., 1:2].astype(np.float32)
+    ey = xp.exp((2j * np.pi) * (sy * ky)).astype(np.complex64)  # (..., ny)
+    ex = xp.exp((2j * np.pi) * (sx * kx)).astype(np.complex64)  # (..., nxh)
+    return ey, ex
+
+
+def _parabolic_peak(win, r: int, xp: ModuleType):
+    """Integer argmax plus 1D parabolic refinement per axis of windows (..., 2r+1, 2r+1)."""
+    lead = win.shape[:-2]
+    m = win.shape[-1]
+    flat = win.reshape(-1, m * m)
+    am = xp.argmax(flat, axis=1)
+    iy = am // m
+    ix = am % m
+    iyc = xp.clip(iy, 1, m - 2)
+    ixc = xp.clip(ix, 1, m - 2)
+    rows = xp.arange(flat.shape[0])
+    w3 = win.reshape(-1, m, m)
+
+    def fit(c0, cm, cp):
+        den = cm - 2 * c0 + cp
+        off = xp.where(den < 0, 0.5 * (cm - cp) / xp.where(den < 0, den, -1.0), 0.0)
+        return xp.clip(off, -0.5, 0.5)
+
+    c0 = w3[rows, iyc, ixc]
+    dy = fit(c0, w3[rows, iyc - 1, ixc], w3[rows, iyc + 1, ixc])
+    dx = fit(c0, w3[rows, iyc, ixc - 1], w3[rows, iyc, ixc + 1])
+    py = iyc.astype(np.float64) + dy - r
+    px = ixc.astype(np.float64) + dx - r
+    return xp.stack([py, px], axis=-1).reshape(*lead, 2)
+
+
+def bfactor_weight(shape: tuple[int, int], pixel_size_a: float, bfactor_a2: float,
+                   lowcut_px: float = 2.0, xp: ModuleType = np):
+    """``exp(-B k²/4)`` on an rfft grid, with the lowest ``lowcut_px`` shells suppressed."""
+    ky, kx = _freq_grids(shape, xp)
+    k2 = (ky[:, None] ** 2 + kx[None, :] ** 2)
+    w = xp.exp(-bfactor_a2 * k2 / (4.0 * pixel_size_a ** 2))
+    r = xp.sqrt(k2) * min(shape)
+    w = w * (1.0 - xp.exp(-(r / max(lowcut_px, 1e-3)) ** 2))
+    return w.astype(np.float32)
+
+
+def align_stack(F, shape: tuple[int, int], pixel_size_a: float, bfactor_a2: float = 150.0,
+                max_shift_px: float = 40.0, n_iter: int = 15, tolerance_px: float = 0.005,
+                refine_window_px: int = 3, weights=None, taper=None):
+    """Align frames to the sum of the others by Fourier cross-correlation (batched).
+
+    Parameters
+    ----------
+    F
+        rfft2 of the (tapered, mean-subtracted) frames, shape ``(..., n, ny, nx//2+1)``; leading
+        axes are independent stacks (e.g. patches) aligned together in one batched FFT.
+    shape
+        Real-space ``(ny, nx)``.
+    pixel_size_a
+        Pixel size of these frames (Å), for the B-factor weighting.
+    max_shift_px
+        Search radius (pixels of these frames) of the first iteration.
+    weights
+        Optional precomputed Fourier weight (ny, nx//2+1) instead of the B-factor weight.
+    taper
+        The 1D (y, x) window profiles the frames were multiplied by before the FFT; the
+        correlation is then normalised by the windows' overlap (see :func:`_overlap_norm`).
+
+    Returns
+    -------
+    shifts : (..., n, 2)
+        ``(dy, dx)`` displacement of each frame relative to frame 0, in pixels of these frames.
+    """
+    xp = xp_of(F)
+    n = F.shape[-3]
+    lead = F.shape[:-3]
+    shifts = xp.zeros((*lead, n, 2), dtype=np.float64)
+    if n < 2:
+        return shifts
+    ky, kx = _freq_grids(shape, xp)
+    W = weights if weights is not None else bfactor_weight(shape, pixel_size_a, bfactor_a2, xp=xp)
+    r_first = int(min(max(2, np.ceil(max_shift_px)), min(shape) // 2 - 2))
+    r_next = int(min(max(2, refine_window_px), r_first))
+    for it in range(n_iter):
+        ey, ex = _phase_ramps(shifts, ky, kx, xp)
+        G = F * ey[..., :, None] * ex[..., None, :]
+        S = G.sum(axis=-3, keepdims=True)
+        P = G * xp.conj(S - G)
+        P *= W
+        cc = be.irfft2(P, s=shape)
+        r = r_first if it == 0 else r_next
+        iy = xp.arange(-r, r + 1) % shape[0]
+        ix = xp.arange(-r, r + 1) % shape[1]
+        win = cc[..., iy, :][..., ix]
+        if taper is not None:
+            win = win / xp.asarray(_overlap_norm(be.to_numpy(shifts), taper, r))
+        delta = _parabolic_peak(win, r, xp)
+        shifts = shifts + delta
+        shifts = shifts - shifts[..., 0:1, :]
+        if float(xp.abs(delta - delta.mean(axis=-2, keepdims=True)).max()) < tolerance_px:
+            break
+    return shifts
+
+
+def interpolate_group_shifts(group_shifts, group_size: int, n_frames: int):
+    """Per-frame shifts from shifts of consecutive frame groups (linear, extrapolated at ends)."""
+    gs = be.to_numpy(group_shifts)
+    ng = gs.shape[-2]
+    if group_size <= 1 or ng == n_frames:
+        return gs
+    centres = np.array([min(n_frames, (g + 1) * group_size) - g * group_size for g in range(ng)])
+    centres = np.array([g * group_size + (c - 1) / 2.0 for g, c in enumerate(centres)])
+    t = np.arange(n_frames, dtype=np.float64)
+    out = np.empty((*gs.shape[:-2], n_frames, 2))
+    flat_in = gs.reshape(-1, ng, 2)
+    flat_out = out.reshape(-1, n_frames, 2)
+    for b in range(flat_in.shape[0]):
+        for a in range(2):
+            y = flat_in[b, :, a]
+            if ng == 1:
+                flat_out[b, :, a] = y[0]
+                continue
+            v = np.interp(t, centres, y)
+            lo, hi = t < centres[0], t > centres[-1]
+            v[lo] = y[0] + (t[lo] - centres[0]) * (y[1] - y[0]) / (centres[1] - centres[0])
+            v[hi] = y[-1] + (t[hi] - centres[-1]) * (y[-1] - y[-2]) / (centres[-1] - centres[-2])
+            flat_out[b, :, a] = v
+    return out - out[..., 0:1, :]
+
+
+# --------------------------------------------------------------------------------------------
+# local motion model
+# --------------------------------------------------------------------------------------------
+
+def _spatial_basis(x, y, n_terms: int):
+    terms = [np.ones_like(x), x, y, x * x, x * y, y * y]
+    return np.stack(terms[:n_terms], axis=-1)
+
+
+def _time_basis(n_frames: int):
+    t = np.arange(n_frames, dtype=np.float64) / max(n_frames - 1, 1)
+    return np.stack([t, t * t, t ** 3], axis=-1)  # zero at frame 0
+
+
+@dataclass
+class LocalMotionModel:
+    """Smooth residual displacement field (on top of the global shifts), MotionCor2's form.
+
+    ``r_a(x, y, t) = sum_{j, m} coeffs[a, m, j] * g_m(t) * f_j(x, y)`` for axis ``a`` (0 = y,
+    1 = x), ``g = (t, t², t³)`` with ``t = frame / (n - 1)``, ``f = (1, x, y, x², xy, y²)`` with
+    ``x = X / nx - 0.5``, ``y = Y / ny - 0.5`` in unbinned pixels; values in unbinned pixels.
+    """
+
+    coeffs: np.ndarray  # (2, 3, n_terms)
+    frame_shape: tuple[int, int]
+    n_frames: int
+
+    def evaluate(self, yx_px, frame: int | np.ndarray):
+        """Residual displacement (..., 2) at unbinned positions ``yx_px`` (..., 2) and frame(s)."""
+        yx = np.asarray(yx_px, dtype=np.float64)
+        y = yx[..., 0] / self.frame_shape[0] - 0.5
+        x = yx[..., 1] / self.frame_shape[1] - 0.5
+        f = _spatial_basis(x, y, self.coeffs.shape[-1])
+        g = _time_basis(self.n_frames)[np.asarray(frame)]
+        return np.einsum("...m,amj,...j->...a", g, self.coeffs, f)
+
+    def row_polys(self, frame: int):
+        """Per-axis polynomial in x for each row: coefficients (a0(y), a1(y), a2(y)) factors."""
+        g = _time_basis(self.n_frames)[frame]
+        c = np.einsum("m,amj->aj", g, self.coeffs)  # (2, n_terms)
+        full = np.zeros((2, 6))
+        full[:, : c.shape[1]] = c
+        return full
+
+
+def fit_local_motion(centres_px, residual_shifts_px, frame_shape: tuple[int, int]
+                     ) -> LocalMotionModel:
+    """Least-squares fit of :class:`LocalMotionModel` to patch residual shifts.
+
+    Parameters
+    ----------
+    centres_px
+        (P, 2) patch centres (y, x) in unbinned pixels.
+    residual_shifts_px
+        (P, n, 2) measured patch displacements after global alignment (any per-patch offset).
+    """
+    c = np.asarray(centres_px, dtype=np.float64)
+    s = np.asarray(residual_shifts_px, dtype=np.float64)
+    n_p, n_f, _ = s.shape
+    n_terms = 6 if n_p >= 9 else (3 if n_p >= 3 else 1)
+    f = _spatial_basis(c[:, 1] / frame_shape[1] - 0.5, c[:, 0] / frame_shape[0] - 0.5, n_terms)
+    g = _time_basis(n_f)
+    # design (P, n, 3*n_terms); per-patch offsets projected out by centring over time
+    X = np.einsum("tm,pj->ptmj", g, f).reshape(n_p, n_f, -1)
+    X = X - X.mean(axis=1, keepdims=True)
+    Y = s - s.mean(axis=1, keepdims=True)
+    A = X.reshape(n_p * n_f, -1)
+    coeffs = np.empty((2, 3, n_terms))
+    for a in range(2):
+        sol, *_ = np.linalg.lstsq(A, Y[..., a].ravel(), rcond=None)
+        coeffs[a] = sol.reshape(3, n_terms)
+    return LocalMotionModel(coeffs, tuple(frame_shape), n_f)
+
+
+def _residual_field(model: LocalMotionModel, frame: int, shape: tuple[int, int],
+                    offset_yx=(0.0, 0.0), xp: ModuleType = np):
+    """Residual displacement maps (ry, rx) over a full frame (unbinned pixels)."""
+    full = model.row_polys(frame)  # (2, 6) for 1, x, y, x², xy, y²
+    ny, nx = shape
+    y = (xp.arange(ny, dtype=np.float32) - float(offset_yx[0])) / model.frame_shape[0] - 0.5
+    x = (xp.arange(nx, dtype=np.float32) - float(offset_yx[1])) / model.frame_shape[1] - 0.5
+    out = []
+    for a in range(2):
+        c0, cx, cy, cxx, cxy, cyy = (float(v) for v in full[a])
+        out.append((c0 + cy * y + cyy * y * y)[:, None] + ((cx + cxy * y)[:, None] * x[None, :])
+                   + (cxx * x * x)[None, :])
+    return out[0].astype(np.float32), out[1].astype(np.float32)
+
+
+def warp_bilinear(img, ry, rx, strip_rows: int = 256):
+    """``out(y, x) = img(y + ry, x + rx)`` with bilinear interpolation and clamped borders."""
+    xp = xp_of(img)
+    ny, nx = img.shape
+    if xp is np:
+        import torch  # noqa: PLC0415 - grid_sample is ~7x faster than scipy's map_coordinates
+
+        t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+        out = np.empty((ny, nx), dtype=np.float32)
+        xs = np.arange(nx, dtype=np.float32)
+        for r0 in range(0, ny, strip_rows):
+            r1 = min(ny, r0 + strip_rows)
+            ys = np.arange(r0, r1, dtype=np.float32)[:, None]
+            gx = (xs[None, :] + rx[r0:r1]) * (2.0 / max(nx - 1, 1)) - 1.0
+            gy = (ys + ry[r0:r1]) * (2.0 / max(ny - 1, 1)) - 1.0
+            grid = torch.from_numpy(np.stack([gx, gy], axis=-1).astype(np.float32))[None]
+            res = torch.nn.functional.grid_sample(t, grid, mode="bilinear",
+                                                  padding_mode="border", align_corners=True)
+            out[r0:r1] = res[0, 0].numpy()
+        return out
+    yy = xp.clip(xp.arange(ny, dtype=np.float32)[:, None] + ry, 0, ny - 1)
+    xx = xp.clip(xp.arange(nx, dtype=np.float32)[None, :] + rx, 0, nx - 1)
+    y0 = xp.clip(xp.floor(yy).astype(np.int64), 0, ny - 2)
+    x0 = xp.clip(xp.floor(xx).astype(np.int64), 0, nx - 2)
+    fy, fx = yy - y0, xx - x0
+    return ((1 - fy) * ((1 - fx) * img[y0, x0] + fx * img[y0, x0 + 1])
+            + fy * ((1 - fx) * img[y0 + 1, x0] + fx * img[y0 + 1, x0 + 1])).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# dose weighting
+# --------------------------------------------------------------------------------------------
+
+def critical_exposure(k_inv_a, voltage_kv: float = 300.0):
+    """Grant & Grigorieff (2015) critical exposure Ne(k) in e/Å² (k in 1/Å; inf at k = 0)."""
+    xp = xp_of(k_inv_a)
+    k = xp.asarray(k_inv_a, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        ne = 0.245 * xp.where(k > 0, k, 1.0) ** -1.665 + 2.81
+    ne = xp.where(k > 0, ne, np.inf)
+    return ne * (0.8 if voltage_kv < 250 else 1.0)
+
+
+def dose_weights(n_frames: int, k_inv_a, dose_per_frame_e_a2: float, pre_exposure_e_a2: float = 0.0,
+                 voltage_kv: float = 300.0):
+    """Per-frame weights q_i(k) = exp(-D_i / (2 Ne(k))) at the mid-frame dose D_i (n, ...)."""
+    xp = xp_of(k_inv_a)
+    ne = critical_exposure(k_inv_a, voltage_kv)
+    d = pre_exposure_e_a2 + (xp.arange(n_frames) + 0.5) * dose_per_frame_e_a2
+    return xp.exp(-d.reshape((-1,) + (1,) * ne.ndim) / (2.0 * ne[None]))
+
+
+def accumulated_motion(shifts_px, pixel_size_a: float, dose_per_frame_e_a2: float | None,
+                       pre_exposure_e_a2: float = 0.0,
+                       early_dose_e_a2: float = EARLY_DOSE_E_A2) -> tuple[float, float, float]:
+    """RELION's rlnAccumMotionTotal/Early/Late (Å): path length of the global trajectory.
+
+    Early covers the frame steps ending at or below ``early_dose_e_a2`` cumulative dose (the
+    first 4 frames when the dose per frame is unknown).
+    """
+    s = np.asarray(be.to_numpy(shifts_px), dtype=np.float64)
+    steps = np.linalg.norm(np.diff(s, axis=0), axis=1) * pixel_size_a
+    if steps.size == 0:
+        return 0.0, 0.0, 0.0
+    if dose_per_frame_e_a2:
+        end_dose = pre_exposure_e_a2 + (np.arange(1, steps.size + 1) + 1) * dose_per_frame_e_a2
+        early = end_dose <= early_dose_e_a2
+    else:
+        early = np.arange(steps.size) < 4
+    return float(steps.sum()), float(steps[early].sum()), float(steps[~early].sum())
+
+
+# --------------------------------------------------------------------------------------------
+# the whole movie
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MotionOptions:
+    """Options of :func:`correct_motion` (units in the names; defaults as RELION's GUI)."""
+
+    pixel_size_a: float
+    dose_per_frame_e_a2: float | None = None
+    pre_exposure_e_a2: float = 0.0
+    voltage_kv: float = 300.0
+    bfactor_a2: float = 150.0
+    patch_x: int = 5
+    patch_y: int = 5
+    group_frames: int = 1
+    bin_factor: float = 1.0
+    do_dose_weighting: bool = True
+    align_max_size: int = 1024
+    max_shift_px: float = 40.0
+    n_iter: int = 15
+    tolerance_px: float = 0.005
+    hot_pixel_sigma: float | None = 6.0
+    patch_min_size_px: int = 48
+
+
+@dataclass
+class MotionResult:
+    """Sums and trajectories of one movie (shifts in unbinned pixels, see module docstring)."""
+
+    non_weighted: np.ndarray
+    dose_weighted: np.ndarray | None
+    shifts_px: np.ndarray                      # (n, 2) global (dy, dx)
+    pixel_size_a: float                        # of the output sums (after binning)
+    local_model: LocalMotionModel | None = None
+    patch_centres_px: np.ndarray | None = None  # (P, 2)
+    patch_shifts_px: np.ndarray | None = None   # (P, n, 2) measured (global + residual)
+    defect_yx: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
+    accum_motion_total_a: float = 0.0
+    accum_motion_early_a: float = 0.0
+    accum_motion_late_a: float = 0.0
+
+    def model_shifts_px(self, yx_px, frame) -> np.ndarray:
+        """Total modelled displacement (global + local) at unbinned positions and frame(s)."""
+        g = self.shifts_px[np.asarray(frame)]
+        if self.local_model is None:
+            return np.broadcast_to(g, np.broadcast_shapes(np.shape(yx_px), np.shape(g))).copy()
+        return g + self.local_model.evaluate(yx_px, frame)
+
+
+FrameSource = Sequence  # anything with len() and [i] -> 2D array (ndarray, memmap, frame reader)
+
+
+def check_frame(frame, index: int, xp: ModuleType = np) -> None:
+    """Raise :class:`ComputeError` for a frame holding NaN/inf or nothing but zeros."""
+    if frame.dtype.kind == "f" and not bool(xp.isfinite(frame).all()):
+        raise ComputeError(f"frame {index + 1} contains NaN or infinite values")
+    if not bool(xp.any(frame)):
+        raise ComputeError(f"frame {index + 1} is all zeros")
+
+
+def _prepare_gain(gain, shape, xp):
+    if gain is None:
+        return None, None
+    g = xp.asarray(gain, dtype=np.float32)
+    if g.shape != tuple(shape):
+        raise ComputeError(f"gain reference is {g.shape[1]}x{g.shape[0]} but the frames are "
+                           f"{shape[1]}x{shape[0]} (check the gain file and gain_rot)")
+    bad = ~xp.isfinite(g) | (g <= 0)
+    if bool(bad.all()):
+        raise ComputeError("gain reference has no positive finite pixel")
+    g = xp.where(bad, 0.0, g).astype(np.float32)
+    return g, bad
+
+
+def correct_motion(frames: FrameSource, opts: MotionOptions, gain=None, defect_mask=None,
+                   progress: Callable[[str], None] | None = None,
+                   xp: ModuleType | None = None) -> MotionResult:
+    """Align and sum one movie (see the module docstring for the algorithm).
+
+    Parameters
+    ----------
+    frames
+        ``len()``-able sequence of 2D frames (raw counts or floats); read twice, one at a time.
+    opts
+        :class:`MotionOptions`.
+    gain
+        Gain reference (already rotated/flipped) multiplied into each frame, or ``None``.
+    defect_mask
+        Boolean mask of known bad pixels (True = defect), or ``None``.
+    progress
+        Optional callback receiving a short stage name (e.g. to check for an abort).
+    xp
+        Array module to compute with (default: that of the first frame).
+
+    Raises
+    ------
+    ComputeError
+        Wrong gain size, a frame with NaN/inf or all zeros, fewer than one frame.
+    """
+    n = len(frames)
+    if n < 1:
+        raise ComputeError("the movie has no frames")
+    f0 = frames[0]
+    xp = xp or xp_of(f0)
+    shape = tuple(int(v) for v in f0.shape)
+    if len(shape) != 2:
+        raise ComputeError(f"frames must be 2D, got shape {shape}")
+    ny, nx = shape
+    gain_arr, gain_bad = _prepare_gain(gain, shape, xp)
+    mask = xp.zeros(shape, dtype=bool) if defect_mask is None else xp.asarray(defect_mask, bool)
+    if mask.shape != shape:
+        raise ComputeError(f"defect map is {mask.shape[1]}x{mask.shape[0]} but the frames are "
+                           f"{nx}x{ny}")
+    if gain_bad is not None:
+        mask = mask | gain_bad
+    note = progress or (lambda _s: None)
+
+    # ---- pass 1: gain, sum, binned copies for alignment ------------------------------------
+    abin = max(1, int(np.ceil(max(shape) / max(opts.align_max_size, 16))))
+    ash = (ny // abin, nx // abin)
+    binned = np.empty((n, *ash), dtype=np.float32) if xp is np else xp.empty((n, *ash), np.float32)
+    total = xp.zeros(shape, dtype=np.float32)
+    mask_idx = xp.nonzero(mask.ravel())[0]
+    for i in range(n):
+        fr = xp.asarray(frames[i])
+        check_frame(fr, i, xp)
+        fr = fr.astype(np.float32)
+        if gain_arr is not None:
+            fr *= gain_arr
+        if mask_idx.size:
+            fr.ravel()[mask_idx] = 0.0
+        total += fr
+        binned[i] = bin_sum(fr, abin)
+    note("read")
+    if opts.hot_pixel_sigma:
+        good_total = xp.where(mask, xp.median(total), total)
+        mask = mask | detect_defects(good_total, opts.hot_pixel_sigma)
+    mask_idx = xp.nonzero(mask.ravel())[0]
+    fill = float(total.ravel()[xp.nonzero(~mask.ravel())[0]].mean()) / n if mask_idx.size else 0.0
+    if mask_idx.size:
+        corr = xp.zeros(shape, dtype=np.float32)
+        corr.ravel()[mask_idx] = fill - total.ravel()[mask_idx] / n
+        binned += bin_sum(corr, abin)[None]
+
+    # ---- whole-frame alignment -------------------------------------------------------------
+    px_align = opts.pixel_size_a * abin
+    prof = taper_profiles(ash, 0.05)
+    taper = xp.asarray(prof[0][:, None] * prof[1][None, :])
+    g = max(1, int(opts.group_frames))
+    ng = (n + g - 1) // g
+    grouped = xp.stack([binned[j * g:(j + 1) * g].sum(axis=0) for j in range(ng)]) if g > 1 \
+        else xp.asarray(binned)
+    means = grouped.mean(axis=(-2, -1), keepdims=True)
+    F = be.rfft2((grouped - means) * taper).astype(np.complex64)
+    gshift = align_stack(F, ash, px_align, opts.bfactor_a2, opts.max_shift_px / abin,
+                         opts.n_iter, opts.tolerance_px, taper=prof)
+    shifts_a = interpolate_group_shifts(be.to_numpy(gshift), g, n)  # align pixels, per frame
+    shifts = shifts_a * abin
+    del F
+    note("global")
+
+    # ---- patch alignment -------------------------------------------------------------------
+    local = centres = pshifts = None
+    py, pxn = max(1, int(opts.patch_y)), max(1, int(opts.patch_x))
+    ph, pw = ash[0] // py, ash[1] // pxn
+    if py * pxn > 1 and n >= 3 and min(ph, pw) * abin >= opts.patch_min_size_px and min(ph, pw) >= 16:
+        ky, kx = _freq_grids(ash, xp)
+        Fb = be.rfft2(binned - binned.mean(axis=(-2, -1), keepdims=True))
+        ey, ex = _phase_ramps(xp.asarray(shifts_a), ky, kx, xp)
+        aligned = be.irfft2(Fb * ey[:, :, None] * ex[:, None, :], s=ash).astype(np.float32)
+        del Fb
+        pt = aligned[:, : py * ph, : pxn * pw].reshape(n, py, ph, pxn, pw).transpose(1, 3, 0, 2, 4)
+        pt = pt.reshape(py * pxn, n, ph, pw)
+        if g > 1:
+            pt = xp.stack([pt[:, j * g:(j + 1) * g].sum(axis=1) for j in range(ng)], axis=1)
+        pprof = taper_profiles((ph, pw), 0.1)
+        pt = (pt - pt.mean(axis=(-2, -1), keepdims=True)) * xp.asarray(
+            pprof[0][:, None] * pprof[1][None, :])
+        Fp = be.rfft2(pt).astype(np.complex64)
+        pres = align_stack(Fp, (ph, pw), px_align, opts.bfactor_a2,
+                           max(4.0, 8.0 / abin), opts.n_iter, opts.tolerance_px, taper=pprof)
+        pres = interpolate_group_shifts(be.to_numpy(pres), g, n) * abin
+        cy = (np.arange(py) + 0.5) * ph * abin
+        cx = (np.arange(pxn) + 0.5) * pw * abin
+        centres = np.stack(np.meshgrid(cy, cx, indexing="ij"), axis=-1).reshape(-1, 2)
+        local = fit_local_motion(centres, pres, shape)
+        pshifts = shifts[None] + pres - pres[:, :1]
+        del Fp, aligned
+        note("patches")
+
+    # ---- pass 2: full-size shifted sums with dose weighting ---------------------------------
+    ky, kx = _freq_grids(shape, xp)
+    k = xp.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2) / opts.pixel_size_a
+    dw = bool(opts.do_dose_weighting and opts.dose_per_frame_e_a2)
+    if dw:
+        ne = critical_exposure(k, opts.voltage_kv)
+        a = (1.0 / (2.0 * ne)).astype(np.float32)
+        r = xp.exp(-a * float(opts.dose_per_frame_e_a2)).astype(np.float32)
+    acc = xp.zeros((ny, nx // 2 + 1), dtype=np.complex64)
+    acc_dw = xp.zeros_like(acc) if dw else None
+    for i in range(n - 1, -1, -1):  # reverse order for the Horner-form dose weighting
+        fr = xp.asarray(frames[i]).astype(np.float32)
+        if gain_arr is not None:
+            fr *= gain_arr
+        if mask_idx.size:
+            fr.ravel()[mask_idx] = fill
+        if local is not None:
+            ry, rx = _residual_field(local, i, shape, offset_yx=shifts[i], xp=xp)
+            if float(xp.abs(ry).max()) > 0.01 or float(xp.abs(rx).max()) > 0.01:
+                fr = warp_bilinear(fr, ry, rx)
+        Fi = be.rfft2(fr).astype(np.complex64, copy=False)
+        ey, ex = _phase_ramps(xp.asarray(shifts[i]), ky, kx, xp)
+        Fi *= ey[:, None]
+        Fi *= ex[None, :]
+        acc += Fi
+        if dw:
+            acc_dw *= r
+            acc_dw += Fi
+    note("sum")
+    if dw:
+        d0 = float(opts.pre_exposure_e_a2) + 0.5 * float(opts.dose_per_frame_e_a2)
+        q0 = xp.exp(-a * d0)
+        r2 = r * r
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sumq2 = q0 * q0 * xp.where(r2 < 1 - 1e-7, (1 - r2 ** n) / (1 - r2), float(n))
+        acc_dw *= (q0 * xp.sqrt(n / xp.maximum(sumq2, 1e-30))).astype(np.float32)
+    out_shape = shape
+    if opts.bin_factor and opts.bin_factor > 1.0:
+        oy = int(round(ny / opts.bin_factor / 2.0)) * 2
+        ox = int(round(nx / opts.bin_factor / 2.0)) * 2
+        out_shape = (oy, ox)
+        acc = _crop_rfft(acc, out_shape)
+        acc_dw = _crop_rfft(acc_dw, out_shape) if dw else None
+    scale = float(out_shape[0] * out_shape[1]) / float(ny * nx)
+    plain = (be.irfft2(acc, s=out_shape) * scale).astype(np.float32)
+    weighted = (be.irfft2(acc_dw, s=out_shape) * scale).astype(np.float32) if dw else None
+    out_px = opts.pixel_size_a * nx / out_shape[1]
+    tot, early, late = accumulated_motion(shifts, opts.pixel_size_a, opts.dose_per_frame_e_a2,
+                                          opts.pre_exposure_e_a2)
+    dy, dx = (be.to_numpy(v) for v in xp.nonzero(mask))
+    return MotionResult(plain, weighted, np.asarray(shifts), out_px, local, centres, pshifts,
+                        np.stack([dy, dx], axis=-1), tot, early, late)
+
+
+def _crop_rfft(F, out_shape: tuple[int, int]):
+    """Fourier crop of an rfft2 array (ny, nx//2+1) to the rfft grid of ``out_shape``."""
+    xp = xp_of(F)
+    oy, ox = out_shape
+    h = oy // 2
+    rows = xp.concatenate([F[:h], F[F.shape[0] - h:]], axis=0)
+    return xp.ascontiguousarray(rows[:, : ox // 2 + 1])
+
+
+def power_spectrum_for_ctf(img, box: int = 512):
+    """Tile-averaged power spectrum (centred, ``box`` x ``box``) for ``_PS.mrc`` and CTFFIND."""
+    from compute.ctffind import tile_power_spectrum  # noqa: PLC0415
+
+    return be.fftshift(tile_power_spectrum(img, box, full=True))
