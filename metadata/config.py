@@ -42,6 +42,13 @@ def site_config_path() -> Path:
     return Path(platformdirs.user_config_dir("scopeside", appauthor=False)) / "config.toml"
 
 
+def _check_regex(pat: str) -> None:
+    try:
+        re.compile(pat)
+    except re.error as exc:  # pydantic reports ValueError only
+        raise ValueError(f"bad regular expression {pat!r}: {exc}") from None
+
+
 class MicroscopeModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -53,7 +60,7 @@ class MicroscopeModel(BaseModel):
     @classmethod
     def _regex(cls, v: list[str]) -> list[str]:
         for pat in v:
-            re.compile(pat)
+            _check_regex(pat)
         return v
 
 
@@ -87,7 +94,7 @@ class Detector(BaseModel):
     @classmethod
     def _regex(cls, v: list[str]) -> list[str]:
         for pat in v:
-            re.compile(pat)
+            _check_regex(pat)
         return v
 
     def mtf_for(self, voltage_kv: float | None) -> str | None:

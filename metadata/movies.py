@@ -9,6 +9,8 @@ size, a binned one half of it).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,12 +137,27 @@ def _fei_extended(m) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """tifffile logs a warning for each broken IFD before raising; we report the error
+    itself (one line), so its logger is muted while it runs (level restored after)."""
+    lg = logging.getLogger(logger_name)
+    old = lg.level
+    lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
+
+
 def _tiff_header(p: Path, fmt: str) -> MovieHeader:
     import tifffile
 
     try:
-        with tifffile.TiffFile(p) as tif:
+        with _quiet("tifffile"), tifffile.TiffFile(p) as tif:
             pages = tif.pages
+            if len(pages) == 0:
+                raise MetadataError(f"no image pages (truncated or not a {fmt.upper()} file)", p)
             first = pages.first if hasattr(pages, "first") else pages[0]
             # len(pages) walks the IFD chain (offsets only), never decodes pixels
             n = len(pages)

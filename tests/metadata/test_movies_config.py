@@ -1,0 +1,116 @@
+"""Movie headers (no pixels read), settling the pixel size, and the instrument config."""
+
+from __future__ import annotations
+
+import pytest
+
+from metadata import config, epu, movies, synth
+from metadata.errors import MetadataError
+
+
+@pytest.mark.parametrize("name", ["m.mrc", "m.tiff", "m.eer"])
+def test_headers(tmp_path, name):
+    p = synth.write_movie_stub(tmp_path / name, n_frames=7, shape=(40, 56),
+                               pixel_size_a=1.1 if name.endswith(".mrc") else None)
+    h = movies.read_movie_header(p)
+    assert (h.n_frames, h.width, h.height) == (7, 56, 40)
+    assert h.format == name.split(".")[1]
+    if name.endswith(".mrc"):
+        assert h.pixel_size_a == pytest.approx(1.1, rel=1e-6)
+    else:
+        assert h.pixel_size_a is None
+
+
+def test_truncated_and_bad_movies(tmp_path):
+    good = synth.write_movie_stub(tmp_path / "g.mrc", n_frames=4, shape=(64, 64))
+    bad = tmp_path / "t.mrc"
+    bad.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(MetadataError, match="truncated"):
+        movies.read_movie_header(bad)
+    junk = tmp_path / "j.tiff"
+    junk.write_bytes(b"II*\x00garbage")
+    with pytest.raises(MetadataError, match="not a readable TIFF|no image pages"):
+        movies.read_movie_header(junk)
+    other = synth.write_movie_stub(tmp_path / "x.tiff").rename(tmp_path / "x.dat")
+    with pytest.raises(MetadataError, match="unknown movie format"):
+        movies.read_movie_header(other)
+    with pytest.raises(MetadataError, match="not found"):
+        movies.read_movie_header(tmp_path / "none.mrc")
+
+
+@pytest.mark.parametrize("movie_size, expect_px, expect_sr", [
+    (128, 0.5, True),    # super-resolution movie: twice the readout area
+    (64, 1.0, False),    # same size: as recorded
+    (32, 2.0, False),    # binned
+])
+def test_settle_pixel_size(tmp_path, movie_size, expect_px, expect_sr):
+    rec = epu.parse_movie_xml(synth.write_epu_movie_xml(
+        tmp_path / "m.xml", pixel_size_a=1.0, readout_width=64, readout_height=64, n_fractions=5))
+    h = movies.read_movie_header(synth.write_movie_stub(tmp_path / "m.tiff", n_frames=5,
+                                                        shape=(movie_size, movie_size)))
+    out = movies.settle_pixel_size(rec, h)
+    assert out.pixel_size_a == pytest.approx(expect_px)
+    assert out.super_resolution is expect_sr
+    assert ("pixel_size_a" in out.derived) is (movie_size != 64)
+    assert out.movie_path == str(tmp_path / "m.tiff") and out.n_frames == 5
+
+
+def test_settle_mismatch_warns_and_keeps(tmp_path):
+    rec = epu.parse_movie_xml(synth.write_epu_movie_xml(
+        tmp_path / "m.xml", pixel_size_a=1.0, readout_width=64, readout_height=64, n_fractions=5))
+    h = movies.read_movie_header(synth.write_movie_stub(tmp_path / "m.tiff", n_frames=6, shape=(50, 64)))
+    out = movies.settle_pixel_size(rec, h)
+    assert out.pixel_size_a == 1.0 and out.n_frames == 6
+    assert any("does not match" in w for w in out.warnings)
+    assert any("5 frames" in w for w in out.warnings)
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_shipped_config_loads_and_resolves():
+    cfg = config.load_instruments()
+    assert cfg.microscope_models["krios"].cs_mm == 2.7
+    assert cfg.microscope_models["krios_cs_corrected"].cs_mm == 0.01
+    assert cfg.microscope_models["glacios"].default_voltage_kv == 200
+    assert {"K3", "K2", "Falcon 4i", "Falcon 4", "Falcon 3"} <= {
+        cfg.resolved_detector(k).model for k in cfg.detectors}
+    assert cfg.detector(["BioQuantum K3", "EF-CCD"])[1].model == "K3"
+    assert cfg.detector(["BM-Falcon"], eer=True, frame_rate_hz=320)[1].model == "Falcon 4i"
+    assert cfg.detector(["BM-Falcon"], eer=True, frame_rate_hz=250)[1].model == "Falcon 4"
+    assert cfg.detector(["BM-Falcon"], eer=False)[1].model == "Falcon 3"
+    assert cfg.resolved_detector("falcon4i_eer").eer_dose_per_group_e_a2 == 0.8
+
+
+def test_apply_config_known_and_unknown(tmp_path):
+    cfg = config.load_instruments()
+    known = config.apply_config(epu.parse_movie_xml(synth.write_epu_movie_xml(
+        tmp_path / "a.xml", instrument_id=3299)), cfg)
+    assert known.cs_mm == 2.7 and known.microscope == "Titan Krios 3299" and not known.warnings
+    unknown = config.apply_config(epu.parse_movie_xml(synth.write_epu_movie_xml(
+        tmp_path / "b.xml", instrument_id="X99", instrument_model="MYSTERY")), cfg)
+    assert unknown.cs_mm is None and any("unknown microscope" in w for w in unknown.warnings)
+    assert "cs_mm" in unknown.missing()
+
+
+def test_site_config_overrides(tmp_path):
+    site = tmp_path / "site.toml"
+    site.write_text('[microscopes."X99"]\nname = "Our corrected Krios"\nmodel = "krios_cs_corrected"\n'
+                    '[detectors.k3]\ngain_rotation = 1\n')
+    cfg = config.load_instruments(site)
+    rec = config.apply_config(epu.parse_movie_xml(synth.write_epu_movie_xml(
+        tmp_path / "b.xml", instrument_id="X99")), cfg)
+    assert rec.cs_mm == 0.01 and rec.microscope == "Our corrected Krios"
+    assert cfg.detectors["k3"].gain_rotation == 1 and cfg.detectors["k3"].model == "K3"
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[microscopes.A\nname=1", "not valid TOML"),
+    ('[microscopes.A]\ncs_mm = -3\n', "cs_mm"),
+    ('[microscopes.A]\nmodel = "nope"\n', "no microscope model"),
+    ('[detectors.k3]\nmatch = ["("]\n', "match"),
+])
+def test_invalid_site_config(tmp_path, text, match):
+    site = tmp_path / "site.toml"
+    site.write_text(text)
+    with pytest.raises(MetadataError, match=match):
+        config.load_instruments(site)
