@@ -192,6 +192,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         return {}
     except tomllib.TOMLDecodeError as exc:
         raise MetadataError(f"not valid TOML: {exc}", path) from None
+    except UnicodeDecodeError:
+        raise MetadataError("not valid TOML: not UTF-8 text", path) from None
     except OSError as exc:
         raise MetadataError(f"cannot read ({exc.strerror})", path) from None
 
@@ -229,6 +231,9 @@ def load_instruments(site_path: str | Path | None = None, *, shipped: bool = Tru
         sources.append(str(site))
     data = _merge(data, {k: v for k, v in site_data.items()
                          if k in ("microscopes", "microscope_models", "detectors")})
+    for section in ("microscopes", "microscope_models", "detectors"):
+        if not isinstance(data.get(section, {}), dict):
+            raise MetadataError(f"instrument config {section!r}: must be a table", site)
     dets = dict(data.get("detectors", {}))
     order = dets.pop("order", None)
     payload = {
