@@ -418,6 +418,13 @@ class Schemer:
                                                          opts))
             waited = self._wait_for_inputs(node, load_job_class(jt), opts)
             if waited is not None:
+                from app.executors.base import mark_failure
+
+                (mark_failure if waited.state == "failed" else mark_aborted)(
+                    abs_dir, waited.message)
+                pipeline.set_status(self.project, job_dir,
+                                    "failure" if waited.state == "failed" else "aborted")
+                self._save()
                 return waited
             clear_markers(abs_dir)
             (abs_dir / RUN_RECORD).unlink(missing_ok=True)
