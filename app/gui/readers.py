@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 EXIT_FILES = (("RELION_JOB_EXIT_FAILURE", "failure"), ("RELION_JOB_EXIT_ABORTED", "aborted"),
               ("RELION_JOB_EXIT_SUCCESS", "success"))
+JOB_FOLDERS = ("Import", "MotionCorr", "CtfFind", "Select", "AutoPick", "Extract", "Class2D",
+               "InitialModel", "Refine3D")
 _TIME_RE = re.compile(r"(20\d{6})_(\d{6})")
 _IT_RE = re.compile(r"run_it(\d{3,})_model\.star$")
 
@@ -212,14 +214,19 @@ class ProjectReader:
         return ProjectSnapshot(self.project, schemes, stamps)
 
     def job_dirs(self, kind: str | None = None) -> list[Path]:
-        """Job output directories ``<Type>/jobNNN`` (optionally one type), oldest first."""
-        kinds = [kind] if kind else ["Import", "MotionCorr", "CtfFind", "Select", "AutoPick",
-                                     "Extract", "Class2D", "InitialModel", "Refine3D"]
+        """Job output directories ``<Type>/jobNNN`` (optionally one type), oldest first.
+
+        Type folders match case-insensitively (``Class2D`` and ``Class2d`` are the same
+        type), so projects made by RELION and by test-double jobs read alike.
+        """
+        kinds = {k.lower() for k in ([kind] if kind else JOB_FOLDERS)}
         out = []
-        for k in kinds:
-            base = self.project / k
-            if base.is_dir():
-                out.extend(p for p in base.glob("job[0-9][0-9][0-9]*") if p.is_dir())
+        try:
+            tops = [d for d in self.project.iterdir() if d.name.lower() in kinds and d.is_dir()]
+        except OSError:
+            return []
+        for base in tops:
+            out.extend(p for p in base.glob("job[0-9][0-9][0-9]*") if p.is_dir())
         return sorted(out, key=lambda p: (p.name, p.parent.name))
 
     def latest_with(self, kind: str, filename: str) -> Path | None:

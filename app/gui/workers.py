@@ -30,6 +30,10 @@ from app.errors import USER_ERRORS
 
 log = logging.getLogger(__name__)
 
+#: job folder (lower case) -> canonical RELION type folder
+_KIND = {k.lower(): k for k in ("Import", "MotionCorr", "CtfFind", "Select", "AutoPick",
+                                "Extract", "Class2D", "InitialModel", "Refine3D")}
+
 
 def describe_error(exc: BaseException) -> str:
     """One line for the operator: user errors as they are, others with their type."""
@@ -238,7 +242,7 @@ class _Scanner(QtCore.QObject):
         changed = {k for k, v in snap.job_stamps.items() if self._last_stamps.get(k) != v}
         changed |= set(self._last_stamps) - set(snap.job_stamps)
         self._last_stamps = dict(snap.job_stamps)
-        kinds = {c.split("/")[0] for c in changed}
+        kinds = {_KIND.get(c.split("/")[0].lower(), "") for c in changed}
         if kinds & {"CtfFind", "MotionCorr", "AutoPick"}:
             self._load("micrograph table", r.micrograph_table, self.table)
             self._last_mic_key = None
