@@ -1,0 +1,125 @@
+"""import -> motioncorr -> ctffind on a tiny synthetic project, bad movies included."""
+
+from __future__ import annotations
+
+import mrcfile
+import numpy as np
+import pytest
+import tifffile
+
+from app.jobs.base import SUCCESS, exit_status, run_job
+from compute import ctf, fourier
+from metadata.star import read_star
+
+pytestmark = pytest.mark.filterwarnings("ignore:Data array contains NaN values")
+
+PX = 1.0
+N = 256
+NF = 8
+DEFOCUS = 15000.0
+
+
+def _frames(rng, shifts):
+    obj = fourier.lowpass(rng.standard_normal((N, N)).astype(np.float32), 2.5, PX)
+    img = ctf.apply_ctf(obj, PX, ctf.CtfParams(DEFOCUS + 150, DEFOCUS - 150, 30.0))
+    img = 0.4 * img / img.std()
+    fr = fourier.shift_image(np.repeat(img[None], len(shifts), 0), shifts)
+    return rng.poisson(np.clip(20.0 * (1 + fr), 0, None)).astype(np.uint16)
+
+
+@pytest.fixture
+def project(tmp_path, rng):
+    mov = tmp_path / "Movies"
+    mov.mkdir()
+    t = np.arange(NF)
+    shifts = np.stack([1.5 * t, -1.0 * t], -1).astype(float)
+    good = []
+    for i in range(2):
+        f = _frames(rng, shifts)
+        p = mov / f"good_{i}.tiff"
+        tifffile.imwrite(p, f, compression="lzw")
+        good.append(f)
+    # truncated MRC
+    with mrcfile.new(mov / "trunc.mrc") as m:
+        m.set_data(good[0].astype(np.int16))
+    raw = (mov / "trunc.mrc").read_bytes()
+    (mov / "trunc.mrc").write_bytes(raw[: len(raw) // 2])
+    # a NaN frame and an all-zero frame
+    bad = good[1].astype(np.float32)
+    bad[3, 10, 10] = np.nan
+    with mrcfile.new(mov / "nan.mrc") as m:
+        m.set_data(bad)
+    zero = good[1].astype(np.float32)
+    zero[2] = 0
+    with mrcfile.new(mov / "zero.mrc") as m:
+        m.set_data(zero)
+    return tmp_path, shifts
+
+
+def test_prep_chain_with_bad_movies(project):
+    root, shifts = project
+    assert run_job("import", root / "Import/job001", {"fn_in_raw": "Movies/*", "angpix": "1.0"},
+                   project_dir=root) == 0
+    movies = read_star(root / "Import/job001/movies.star")
+    assert len(movies["movies"]) == 5
+    assert float(movies["optics"]["rlnMicrographOriginalPixelSize"][0]) == 1.0
+
+    opts = {"input_star_mics": "Import/job001/movies.star", "dose_per_frame": "1",
+            "patch_x": "1", "patch_y": "1", "other_args": "--do_at_most 4"}
+    assert run_job("motioncorr", root / "MotionCorr/job002", opts, project_dir=root) == 0
+    out = read_star(root / "MotionCorr/job002/corrected_micrographs.star")
+    mics, failed = out["micrographs"], out["failed"]
+    assert len(mics) + len(failed) == 4  # do_at_most
+    reasons = dict(zip(failed["rlnMicrographMovieName"], failed["scopesideFailureReason"]))
+    assert "truncated" in reasons["Movies/trunc.mrc"]
+    assert "NaN" in reasons["Movies/nan.mrc"]
+    # continue picks up the fifth movie only
+    assert run_job("motioncorr", root / "MotionCorr/job002", opts, is_continue=True,
+                   project_dir=root) == 0
+    out = read_star(root / "MotionCorr/job002/corrected_micrographs.star")
+    mics, failed = out["micrographs"], out["failed"]
+    assert sorted(mics["rlnMicrographMovieName"]) == ["Movies/good_0.tiff", "Movies/good_1.tiff"]
+    assert "all_zeros" in dict(zip(failed["rlnMicrographMovieName"],
+                                   failed["scopesideFailureReason"]))["Movies/zero.mrc"]
+    mic = root / mics["rlnMicrographName"].iloc[0]
+    with mrcfile.open(mic) as m:
+        assert m.data.dtype == np.float16 and m.data.shape == (N, N)
+    meta = read_star(root / mics["rlnMicrographMetadata"].iloc[0])
+    gs = meta["global_shift"]
+    got = np.stack([gs["rlnMicrographShiftY"], gs["rlnMicrographShiftX"]], -1)
+    assert np.sqrt(((got - shifts) ** 2).sum(1).mean()) < 0.2
+    expect_total = np.linalg.norm(np.diff(shifts, axis=0), axis=1).sum() * PX
+    assert float(mics["rlnAccumMotionTotal"].iloc[0]) == pytest.approx(expect_total, rel=0.1)
+
+    copts = {"input_star_mics": "MotionCorr/job002/corrected_micrographs.star", "box": "256",
+             "resmin": "30", "resmax": "4", "other_args": "--do_at_most 1"}
+    assert run_job("ctffind", root / "CtfFind/job003", copts, project_dir=root) == 0
+    assert exit_status(root / "CtfFind/job003") == "success"
+    c1 = read_star(root / "CtfFind/job003/micrographs_ctf.star")["micrographs"]
+    assert len(c1) == 1
+    assert run_job("ctffind", root / "CtfFind/job003", copts, is_continue=True,
+                   project_dir=root) == 0
+    c = read_star(root / "CtfFind/job003/micrographs_ctf.star")["micrographs"]
+    assert len(c) == 2
+    mean = 0.5 * (c["rlnDefocusU"] + c["rlnDefocusV"])
+    assert np.all(np.abs(mean - DEFOCUS) < 150)
+    for col in ("rlnCtfImage", "rlnCtfAstigmatism", "rlnDefocusAngle", "rlnCtfFigureOfMerit",
+                "rlnCtfMaxResolution", "rlnAccumMotionTotal"):
+        assert col in c.columns
+    img = c["rlnCtfImage"].iloc[0]
+    assert img.endswith(".ctf:mrc") and (root / img[:-4]).is_file()
+    assert (root / "CtfFind/job003" / SUCCESS).exists()
+
+
+def test_gain_of_wrong_size_fails_that_movie_only(project):
+    root, _ = project
+    run_job("import", root / "Import/job001", {"fn_in_raw": "Movies/good_*.tiff", "angpix": "1"},
+            project_dir=root)
+    with mrcfile.new(root / "gain.mrc") as m:
+        m.set_data(np.ones((N, N // 2), np.float32))
+    opts = {"input_star_mics": "Import/job001/movies.star", "fn_gain_ref": "gain.mrc",
+            "patch_x": "1", "patch_y": "1"}
+    assert run_job("motioncorr", root / "MotionCorr/job002", opts, project_dir=root) == 1
+    out = read_star(root / "MotionCorr/job002/corrected_micrographs.star")
+    assert len(out["failed"]) == 2
+    assert all("gain_reference_is" in r for r in out["failed"]["scopesideFailureReason"])
