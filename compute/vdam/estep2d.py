@@ -1,0 +1,518 @@
+"""The 2D E-step: likelihoods over in-plane rotations x translations x classes with CTF.
+
+Model (RELION convention, protein white): a particle image is
+``x(r) = (Rot_psi v_k)(r + o) * CTF + noise`` with ``(Rot_psi v)(r) = v(A^T r)``,
+``A = [[cos psi, sin psi], [-sin psi, cos psi]]`` (RELION's passive in-plane rotation)
+and ``o`` the origin (``rlnOriginX/Y`` in pixels). In Fourier space (unnormalised FFT of
+the ``ifftshift``-ed image, so the box centre ``n // 2`` is the phase origin)::
+
+    X(f) = exp(+2 pi i f.o) * CTF(f) * V_k(A^T f) + N(f),   E|N(f)|^2 = sigma2(shell of f)
+
+How it is computed (all batched):
+
+- references are gridding-corrected, zero-padded 2x and Fourier transformed once per call;
+  every rotated reference is read from that padded transform by bilinear interpolation at
+  the rotated frequencies of a fixed half-plane sample set (the frequencies up to the
+  current resolution limit);
+- translations are applied to the particles as phase ramps, so the cross term of the
+  log-likelihood for all (particle, shift) x (class, psi) pairs is ONE real matrix product
+  ``(b*T, 2F) @ (2F, K*R)`` (faster than one inverse FFT per pair at these sizes, see
+  docs/class2d.md); the quadratic term is a second, small product;
+- posteriors are pruned to the significant hypotheses (99.9 % of the mass, at most
+  5,000 per particle); their weighted, CTF- and sigma2-scaled shifted particles are summed
+  per (class, psi) by a sparse product and splatted back into the padded reference grid
+  (the adjoint of the bilinear read), cropped in real space and gridding-corrected.
+
+The E-step returns :class:`compute.vdam.optimiser.Accumulators` (what any E-step, 2D or 3D,
+hands the optimiser) plus per-particle results for the ``_data.star``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import numpy as np
+
+from compute import backend as be
+from compute.backend import xp_of
+from compute.ctf import CtfParams, gamma
+from compute.errors import ComputeError
+from compute.fourier import radial_index, soft_mask
+from compute.vdam.optimiser import Accumulators
+
+#: significant-weight pruning (RELION 4 defaults for 2D)
+SIGNIFICANT_MASS = 0.999
+MAX_SIGNIFICANT_2D = 5000
+
+
+@dataclass(frozen=True)
+class Sampling2D:
+    """In-plane angle and translation grid.
+
+    Attributes
+    ----------
+    psi_step_deg
+        In-plane angular step (RELION ``psi_sampling``).
+    offset_range_px, offset_step_px
+        Translations searched within a circle of this radius (pixels) in steps of
+        ``offset_step_px`` (RELION ``offset_range`` / ``offset_step``).
+    """
+
+    psi_step_deg: float = 6.0
+    offset_range_px: float = 5.0
+    offset_step_px: float = 1.0
+
+    def psi_deg(self) -> np.ndarray:
+        n = max(1, int(round(360.0 / self.psi_step_deg)))
+        return np.arange(n, dtype=np.float64) * (360.0 / n)
+
+    def offsets_px(self) -> np.ndarray:
+        """(T, 2) translations as (x, y) pixels inside the circle of ``offset_range_px``."""
+        step = max(float(self.offset_step_px), 1e-3)
+        m = int(np.floor(self.offset_range_px / step + 1e-6))
+        g = np.arange(-m, m + 1) * step
+        yy, xx = np.meshgrid(g, g, indexing="ij")
+        keep = xx**2 + yy**2 <= self.offset_range_px**2 + 1e-6
+        return np.stack([xx[keep], yy[keep]], axis=1)
+
+
+@dataclass
+class CtfBatch:
+    """Per-particle CTF parameters as arrays of length B (RELION units)."""
+
+    defocus_u_a: np.ndarray
+    defocus_v_a: np.ndarray
+    defocus_angle_deg: np.ndarray
+    voltage_kv: np.ndarray
+    cs_mm: np.ndarray
+    amplitude_contrast: np.ndarray
+    phase_shift_deg: np.ndarray
+    bfactor_a2: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.defocus_u_a)
+
+    def subset(self, idx) -> CtfBatch:
+        return CtfBatch(*(np.asarray(getattr(self, f))[idx] for f in self.__dataclass_fields__))
+
+    @classmethod
+    def none(cls, n: int) -> CtfBatch:
+        """Placeholder for ``do_ctf_correction = No`` (CTF = 1 everywhere)."""
+        z = np.zeros(n)
+        return cls(z, z, z, z + 300.0, z + 2.7, z + 0.1, z, z)
+
+
+@dataclass
+class ParticleResults:
+    """Best hypothesis per particle (0-based class; psi in degrees; origin in pixels)."""
+
+    class_index: np.ndarray
+    psi_deg: np.ndarray
+    origin_x_px: np.ndarray
+    origin_y_px: np.ndarray
+    max_prob: np.ndarray
+    n_significant: np.ndarray
+    log_likelihood: np.ndarray
+
+
+def sinc2_correction(n: int, pad: int, ndim: int = 2) -> np.ndarray:
+    """Real-space attenuation of (bi/tri)linear interpolation on a ``pad``-times padded grid."""
+    x = (np.arange(n) - n // 2) / float(pad * n)
+    g1 = np.sinc(x) ** 2
+    out = g1
+    for _ in range(ndim - 1):
+        out = np.multiply.outer(out, g1)
+    return out.astype(np.float32)
+
+
+class Estep2D:
+    """Batched 2D E-step for one box size, pixel size and sampling.
+
+    Parameters
+    ----------
+    box
+        Image size (pixels, even).
+    pixel_size_a
+        Pixel size of the images (A).
+    sampling
+        Angles and translations to search.
+    particle_diameter_a
+        Mask diameter (A) for the images and the references.
+    do_ctf
+        Multiply references by each particle's CTF (``do_ctf_correction``).
+    zero_mask
+        Outside the mask the images are zero (``do_zero_mask = Yes``) or filled with noise.
+    """
+
+    def __init__(self, box: int, pixel_size_a: float, sampling: Sampling2D,
+                 particle_diameter_a: float, do_ctf: bool = True, zero_mask: bool = True,
+                 xp: ModuleType = np, chunk_floats: int = 12_000_000) -> None:
+        if box % 2:
+            raise ComputeError(f"2D classification needs an even box size, got {box}")
+        self.box = int(box)
+        self.pixel_size_a = float(pixel_size_a)
+        self.sampling = sampling
+        self.do_ctf = do_ctf
+        self.zero_mask = zero_mask
+        self.xp = xp
+        self.pad = 2
+        self.chunk_floats = int(chunk_floats)
+        n = self.box
+        self.fourier_shape = (n, n // 2 + 1)
+        self.n_shells = n // 2 + 1
+        self.shell_index = xp.minimum(radial_index((n, n), rfft=True, xp=xp), n // 2)
+        radius_px = 0.5 * particle_diameter_a / self.pixel_size_a
+        self.mask_radius_px = float(min(radius_px, n / 2 - 1))
+        self.mask = soft_mask((n, n), self.mask_radius_px, edge_px=max(2.0, 0.05 * n), xp=xp)
+        self.gridding = xp.asarray(sinc2_correction(n, self.pad))
+        self.psi = sampling.psi_deg()
+        self.offsets = sampling.offsets_px()
+        self.r_max: float | None = None
+
+    # -- geometry shared with the optimiser ----------------------------------------------------
+    def to_fourier(self, real):
+        """Real images (.., n, n) centred at n//2 -> (.., n, n//2+1) with the centre as phase origin."""
+        return be.rfft2(be.ifftshift(real, axes=(-2, -1)))
+
+    def to_real(self, fourier):
+        """Inverse of :meth:`to_fourier`."""
+        n = self.box
+        return be.fftshift(be.irfft2(fourier, s=(n, n)), axes=(-2, -1)).astype(np.float32)
+
+    # -- sample set ------------------------------------------------------------------------------
+    def set_resolution(self, r_max_shell: float) -> None:
+        """Use Fourier components up to ``r_max_shell`` (pixels in the box's Fourier grid)."""
+        xp = self.xp
+        n = self.box
+        r_max = float(min(max(r_max_shell, 2.0), n // 2))
+        if self.r_max == r_max:
+            return
+        self.r_max = r_max
+        fy = np.fft.fftfreq(n) * n
+        fx = np.fft.rfftfreq(n) * n
+        FY, FX = np.meshgrid(fy, fx, indexing="ij")
+        rad = np.sqrt(FX**2 + FY**2)
+        sel = (rad <= r_max + 1e-6) & (rad > 0.5)
+        iy, ix = np.nonzero(sel)
+        self._grid_sel = xp.asarray(sel)               # where the E-step has data
+        self._flat = iy * (n // 2 + 1) + ix            # into the (n, n//2+1) grid
+        fxs, fys = FX[sel], FY[sel]
+        self._fx, self._fy = fxs, fys                    # cycles per box
+        mult = np.where((ix == 0) | (ix == n // 2), 1.0, 2.0)
+        self._mult = mult.astype(np.float32)
+        self._shell = np.rint(rad[sel]).astype(np.int64)
+        onehot = np.zeros((len(self._shell), self.n_shells), dtype=np.float32)
+        onehot[np.arange(len(self._shell)), self._shell] = 1.0
+        onehot /= np.maximum(onehot.sum(0, keepdims=True), 1.0)
+        # mult/sigma2 already carries the Friedel weight: undo it for a plain per-shell mean
+        self._shell_avg = xp.asarray(onehot / self._mult_for_avg(ix, n)[:, None])
+        self.n_f = len(fxs)
+        # bilinear read positions on the padded full grid for every psi: A^T f, in padded units
+        p = self.pad
+        m = p * n
+        ang = np.deg2rad(self.psi)[:, None]
+        c, s = np.cos(ang), np.sin(ang)
+        qx = (c * fxs[None] - s * fys[None]) * p
+        qy = (s * fxs[None] + c * fys[None]) * p
+        x0, y0 = np.floor(qx), np.floor(qy)
+        wx, wy = qx - x0, qy - y0
+        x0 = x0.astype(np.int64)
+        y0 = y0.astype(np.int64)
+        idx, w = [], []
+        for dy, dx, ww in ((0, 0, (1 - wy) * (1 - wx)), (0, 1, (1 - wy) * wx),
+                           (1, 0, wy * (1 - wx)), (1, 1, wy * wx)):
+            idx.append(((y0 + dy) % m) * m + (x0 + dx) % m)
+            w.append(ww)
+        self._read_idx = xp.asarray(np.stack(idx, -1))             # (R, F, 4)
+        self._read_w = xp.asarray(np.stack(w, -1).astype(np.float32))
+        # phase ramps for the translations: exp(-2 pi i f.t / n), (T, F)
+        ph = -2.0 * np.pi * (np.outer(self.offsets[:, 0], fxs) + np.outer(self.offsets[:, 1], fys)) / n
+        self._ramp = xp.asarray(np.exp(1j * ph).astype(np.complex64))
+        self._kx = fxs / (n * self.pixel_size_a)
+        self._ky = fys / (n * self.pixel_size_a)
+
+    @staticmethod
+    def _mult_for_avg(ix, n):
+        return np.where((ix == 0) | (ix == n // 2), 1.0, 2.0).astype(np.float32)
+
+    # -- particles ---------------------------------------------------------------------------------
+    def prepare_images(self, images, rng: np.random.Generator | None = None):
+        """Mask real images (B, n, n) and return their Fourier transforms (B, n, n//2+1)."""
+        xp = xp_of(images)
+        imgs = xp.asarray(images, dtype=np.float32)
+        if not bool(xp.all(xp.isfinite(imgs))):
+            raise ComputeError("images contain NaN or infinite values")
+        if self.zero_mask:
+            imgs = imgs * self.mask
+        else:
+            outside = self.mask < 0.5
+            sd = xp.sqrt(xp.mean(imgs[:, outside] ** 2, axis=1))[:, None, None]
+            g = np.random.default_rng(rng).standard_normal(imgs.shape).astype(np.float32)
+            imgs = imgs * self.mask + (1 - self.mask) * xp.asarray(g) * sd
+        return self.to_fourier(imgs).astype(np.complex64)
+
+    def ctf_values(self, ctf: CtfBatch):
+        """CTF of each particle on the current sample set, (B, F) float32."""
+        xp = self.xp
+        b = len(ctf)
+        if not self.do_ctf:
+            return xp.ones((b, self.n_f), dtype=np.float32)
+        out = np.empty((b, self.n_f), dtype=np.float32)
+        keys = np.stack([ctf.voltage_kv, ctf.cs_mm, ctf.amplitude_contrast], 1)
+        uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+        inv = np.asarray(inv).ravel()
+        k2 = self._kx**2 + self._ky**2
+        for g, (kv, cs, q) in enumerate(uniq):
+            sel = inv == g
+            p = CtfParams(defocus_u_a=ctf.defocus_u_a[sel, None],
+                          defocus_v_a=ctf.defocus_v_a[sel, None],
+                          defocus_angle_deg=ctf.defocus_angle_deg[sel, None],
+                          voltage_kv=float(kv), cs_mm=float(cs), amplitude_contrast=float(q),
+                          phase_shift_deg=ctf.phase_shift_deg[sel, None])
+            c = -np.sin(gamma(self._kx[None], self._ky[None], p))
+            c = c * np.exp(-ctf.bfactor_a2[sel, None] * k2[None] / 4.0)
+            out[sel] = c
+        return xp.asarray(out)
+
+    # -- references ---------------------------------------------------------------------------------
+    def _padded_transforms(self, refs_fourier):
+        """Gridding-corrected, 2x zero-padded full-plane transforms of the references, (K, m*m)."""
+        xp = self.xp
+        n, p = self.box, self.pad
+        m = n * p
+        real = self.to_real(refs_fourier) / self.gridding
+        padded = xp.zeros((real.shape[0], m, m), dtype=np.float32)
+        o = (m - n) // 2
+        padded[:, o:o + n, o:o + n] = real
+        P = be.fft2(be.ifftshift(padded, axes=(-2, -1))).astype(np.complex64)
+        return P.reshape(real.shape[0], m * m)
+
+    def project(self, refs_fourier):
+        """Rotated references on the sample set: (K, R, F) complex64."""
+        P = self._padded_transforms(refs_fourier)
+        k = P.shape[0]
+        R, F = self._read_idx.shape[:2]
+        out = self.xp.empty((k, R, F), dtype=np.complex64)
+        for j in range(R):
+            out[:, j] = (P[:, self._read_idx[j]] * self._read_w[j]).sum(-1)
+        return out
+
+    def backproject(self, sums):
+        """Adjoint of :meth:`project` for per-(class, psi) sums (K, R, F) -> (K, n, n//2+1).
+
+        ``sums`` must carry the Friedel multiplicity of each sample (2 off the self-conjugate
+        column, 1 on it), as the E-step's sigma2-weighted particles do.
+        """
+        xp = self.xp
+        n, p = self.box, self.pad
+        m = n * p
+        k = sums.shape[0]
+        # every half-plane sample stands for itself and its Friedel mate; the sums already
+        # carry that multiplicity (2, or 1 on the self-conjugate column), so half of it goes
+        # into the grid here and twice the real part is taken below
+        vals = sums * 0.5
+        base = (xp.arange(k) * (m * m))[:, None, None, None]
+        idx = (base + self._read_idx[None]).ravel()
+        wv = (vals[..., None] * self._read_w[None]).ravel()
+        re = xp.bincount(idx, weights=wv.real.astype(np.float64), minlength=k * m * m)
+        im = xp.bincount(idx, weights=wv.imag.astype(np.float64), minlength=k * m * m)
+        grid = (re + 1j * im).reshape(k, m, m)
+        img = 2.0 * be.fftshift(be.ifftn(grid, axes=(-2, -1)).real, axes=(-2, -1))
+        o = (m - n) // 2
+        img = img[:, o:o + n, o:o + n] / self.gridding * float(p * p)
+        return self.to_fourier(img.astype(np.float32)).astype(np.complex64)
+
+    # -- the E-step -------------------------------------------------------------------------------
+    def run(self, refs_fourier, X, ctf: CtfBatch, sigma2, log_prior, halves,
+            prior_offsets_px=None, accumulate: bool = True,
+            class_active=None) -> tuple[Accumulators | None, ParticleResults]:
+        """Expectation over all hypotheses for a batch of particles.
+
+        Parameters
+        ----------
+        refs_fourier
+            (K, n, n//2+1) complex references (from :meth:`to_fourier`).
+        X
+            (B, n, n//2+1) complex particle transforms from :meth:`prepare_images`.
+        ctf
+            The particles' CTF parameters.
+        sigma2
+            (n_shells,) noise power per shell (same FFT normalisation as ``X``).
+        log_prior
+            (K,) log class priors (``-inf`` switches a class off).
+        halves
+            (B,) 1 or 2: the random half-set of each particle.
+        prior_offsets_px
+            (B, 2) (x, y) origins the translation grid is centred on (default zeros).
+        accumulate
+            False for the final assignment pass (no sums, just best hypotheses).
+
+        Returns
+        -------
+        (Accumulators or None, ParticleResults)
+        """
+        if self.r_max is None:
+            raise ComputeError("Estep2D.set_resolution must be called before run")
+        xp = self.xp
+        K = refs_fourier.shape[0]
+        B = X.shape[0]
+        R, F = self._read_idx.shape[:2]
+        T = self.offsets.shape[0]
+        n = self.box
+        s2 = xp.asarray(sigma2, dtype=np.float32)[xp.asarray(self._shell)]          # (F,)
+        inv_s2 = xp.asarray(self._mult) / xp.maximum(s2, 1e-30)                     # mult/sigma2
+        W = self.project(refs_fourier)                                              # (K, R, F)
+        Wr = xp.concatenate([W.real, W.imag], axis=-1).reshape(K * R, 2 * F)        # (KR, 2F)
+        W2 = (W.real**2 + W.imag**2).reshape(K * R, F)
+        ctfv = self.ctf_values(ctf)                                                 # (B, F)
+        Xs = X.reshape(B, -1)[:, xp.asarray(self._flat)]                            # (B, F)
+        if prior_offsets_px is None:
+            prior = np.zeros((B, 2))
+        else:
+            prior = np.asarray(prior_offsets_px, dtype=np.float64).reshape(B, 2)
+        # particle-specific phase ramp for the prior origin
+        pph = -2.0 * np.pi * (np.outer(prior[:, 0], self._fx) + np.outer(prior[:, 1], self._fy)) / n
+        Xs = Xs * xp.asarray(np.exp(1j * pph).astype(np.complex64))
+        lp = xp.asarray(log_prior, dtype=np.float32)
+        lp_cols = xp.repeat(lp, R)                                                   # (KR,)
+        dead = ~xp.isfinite(lp_cols)
+        halves = np.asarray(halves).astype(np.int64)
+
+        if accumulate:
+            data_sum = xp.zeros((2, K, R, F), dtype=np.complex64)
+            weight_shell = xp.zeros((2, K, self.n_shells), dtype=np.float64)
+            class_w = xp.zeros((2, K), dtype=np.float64)
+            s2_sum = xp.zeros(self.n_shells, dtype=np.float64)
+            s2_cnt = xp.zeros(self.n_shells, dtype=np.float64)
+        res = ParticleResults(*(np.zeros(B, dtype=d) for d in
+                                (np.int64, np.float64, np.float64, np.float64, np.float64,
+                                 np.int64, np.float64)))
+        shell_x = xp.asarray(self._shell)
+        cnt_shell = xp.bincount(shell_x, weights=xp.asarray(self._mult, dtype=np.float64),
+                                minlength=self.n_shells)
+        per = max(1, int(self.chunk_floats // max(1, T * K * R)))
+        for c0 in range(0, B, per):
+            c1 = min(B, c0 + per)
+            b = c1 - c0
+            cx = ctfv[c0:c1]
+            Y = (cx * Xs[c0:c1])[:, None, :] * self._ramp[None]                    # (b, T, F)
+            Yw = Y * inv_s2
+            Ym = xp.concatenate([Yw.real, Yw.imag], axis=-1).reshape(b * T, 2 * F)
+            cross = (Ym @ Wr.T).reshape(b, T, K * R)
+            quad = 0.5 * ((cx * cx * inv_s2) @ W2.T)                               # (b, KR)
+            L = cross - quad[:, None, :] + lp_cols[None, None, :]
+            if bool(dead.any()):
+                L[:, :, dead] = -np.inf
+            L = L.reshape(b, T * K * R)
+            Lmax = L.max(axis=1)
+            P = xp.exp(L - Lmax[:, None])
+            Z = P.sum(axis=1)
+            P /= Z[:, None]
+            best = xp.argmax(P, axis=1)
+            # data-term log-likelihood: -0.5 sum|X - cW|^2/sigma2 at its best + log sum
+            x2 = 0.5 * ((Xs[c0:c1].real ** 2 + Xs[c0:c1].imag ** 2) * inv_s2).sum(1)
+            loglik = be.to_numpy(Lmax + xp.log(Z) - x2 - lp_cols[best % (K * R)])
+            bt, bkr = be.to_numpy(best // (K * R)), be.to_numpy(best % (K * R))
+            bk, bpsi = bkr // R, bkr % R
+            res.class_index[c0:c1] = bk
+            res.psi_deg[c0:c1] = self.psi[bpsi]
+            res.origin_x_px[c0:c1] = prior[c0:c1, 0] + self.offsets[bt, 0]
+            res.origin_y_px[c0:c1] = prior[c0:c1, 1] + self.offsets[bt, 1]
+            res.max_prob[c0:c1] = be.to_numpy(P[xp.arange(b), best])
+            res.log_likelihood[c0:c1] = loglik
+            rows, cols, vals, nsig = _significant(P, SIGNIFICANT_MASS, MAX_SIGNIFICANT_2D)
+            res.n_significant[c0:c1] = nsig
+            if not accumulate:
+                continue
+            # sums per (class, psi) of P * c X shifted / sigma2, per half
+            hb = halves[c0:c1]
+            rows_np = be.to_numpy(rows)
+            cols_np = be.to_numpy(cols)
+            vals_np = be.to_numpy(vals)
+            hrow = hb[rows_np]
+            # CTF^2 / sigma2 averaged per shell: the diagonal is rotationally averaged because
+            # each class sees its particles at all in-plane angles
+            per_shell = (cx * cx * inv_s2) @ self._shell_avg                         # (b, S)
+            # sigma2 is radial and the same for every particle, so it commutes with the sum
+            # and the back-rotation: accumulate un-whitened (CTF x particle, Friedel-weighted)
+            # and divide by sigma2 on the reference grid (keeps G and F on the same footing)
+            mult = xp.asarray(self._mult)
+            Yflat = (Y * mult).reshape(b * T, F)
+            for h in (1, 2):
+                m_h = hrow == h
+                if not m_h.any():
+                    continue
+                r_p = rows_np[m_h]
+                t_idx = cols_np[m_h] // (K * R)
+                kr = cols_np[m_h] % (K * R)
+                v = vals_np[m_h]
+                acc = _sparse_rows_sum(xp, r_p * T + t_idx, kr, v, Yflat, K * R)  # (KR, F)
+                # gradient numerator: subtract the model, sum_i w_i c_i^2/sigma2 * W_kpsi
+                wkr = np.bincount(r_p * (K * R) + kr, weights=v,
+                                  minlength=b * K * R).reshape(b, K * R)
+                wkrx = xp.asarray(wkr.astype(np.float32))
+                model = (wkrx.T @ (cx * cx * mult)) * W.reshape(K * R, F)
+                data_sum[h - 1] += (acc - model).reshape(K, R, F)
+                wkx = xp.asarray(wkr.reshape(b, K, R).sum(-1))
+                weight_shell[h - 1] += wkx.T @ per_shell.astype(np.float64)
+                class_w[h - 1] += wkx.sum(0)
+            # residual power at the best hypothesis, per shell
+            Wb = W.reshape(K * R, F)[xp.asarray(bkr)]
+            ramp_b = self._ramp[xp.asarray(bt)]
+            diff = Xs[c0:c1] * ramp_b - cx * Wb
+            d2 = (diff.real**2 + diff.imag**2) * xp.asarray(self._mult)
+            s2_sum += xp.bincount(shell_x.repeat(1), weights=d2.sum(0).astype(np.float64),
+                                  minlength=self.n_shells)
+            s2_cnt += cnt_shell * b
+        if not accumulate:
+            return None, res
+        # the adjoint leaks a little outside the sampled frequencies: keep B where F lives
+        inv_grid = 1.0 / xp.maximum(xp.asarray(sigma2, dtype=np.float32), 1e-30)[self.shell_index]
+        data = xp.stack([self.backproject(data_sum[h]) for h in (0, 1)]) * (self._grid_sel * inv_grid)
+        weight = weight_shell * float(R) / float(R)  # per-shell diagonal, averaged over psi
+        acc = Accumulators(data=data, weight=weight.astype(np.float32), class_weight=class_w,
+                           sigma2_sum=s2_sum, sigma2_count=s2_cnt, n_particles=B,
+                           loglik_sum=float(res.log_likelihood.sum()))
+        return acc, res
+
+
+def _significant(P, mass: float, max_n: int):
+    """Significant hypotheses per row of P (rows sum to 1): (rows, cols, values, n per row)."""
+    xp = xp_of(P)
+    b, H = P.shape
+    k = min(max_n, H)
+    thr = 1e-10
+    counts = be.to_numpy((P > thr).sum(axis=1))
+    kk = int(min(k, max(1, counts.max())))
+    if kk < H:
+        part = xp.argpartition(-P, kk - 1, axis=1)[:, :kk]
+    else:
+        part = xp.broadcast_to(xp.arange(H), (b, H))
+    vals = xp.take_along_axis(P, part, axis=1)
+    order = xp.argsort(-vals, axis=1)
+    vals = xp.take_along_axis(vals, order, axis=1)
+    cols = xp.take_along_axis(part, order, axis=1)
+    csum = xp.cumsum(vals, axis=1)
+    keep = (csum - vals) < mass
+    keep[:, 0] = True
+    nsig = be.to_numpy(keep.sum(axis=1))
+    kv = vals * keep
+    kv = kv / kv.sum(axis=1, keepdims=True)
+    rr, cc = xp.nonzero(keep)
+    return rr, cols[rr, cc], kv[rr, cc], nsig
+
+
+def _sparse_rows_sum(xp, src_rows, dst_rows, weights, Y, n_dst):
+    """out[dst] += w * Y[src] for complex Y (S, F): a sparse (n_dst x S) @ Y product."""
+    if xp is np:
+        import scipy.sparse as sp
+
+        M = sp.csr_matrix((weights.astype(np.float32), (dst_rows, src_rows)),
+                          shape=(n_dst, Y.shape[0]))
+        return (M @ Y.real + 1j * (M @ Y.imag)).astype(np.complex64)
+    out = xp.zeros((n_dst, Y.shape[1]), dtype=np.complex64)
+    M = xp.zeros((n_dst, Y.shape[0]), dtype=np.float32)
+    M[xp.asarray(dst_rows), xp.asarray(src_rows)] = xp.asarray(weights, dtype=np.float32)
+    out += M @ Y
+    return out
