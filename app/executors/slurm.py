@@ -93,7 +93,9 @@ class SlurmExecutor(Executor):
         gpu = "1" if str(o.get("use_gpu", "No")).lower() in ("yes", "true", "1") else "0"
         values = {
             "command": shlex.join(spec.argv()),
-            "queue": str(o.get("queuename") or self.queue or ""),
+            # RELION: the job's queue name counts only when the job says do_queue=Yes
+            "queue": str((o.get("queuename") if str(o.get("do_queue", "No")).lower()
+                          in ("yes", "true", "1") else "") or self.queue or ""),
             "threads": threads,
             "cores": str(int(threads) * int(mpi)),
             "mpinodes": mpi,

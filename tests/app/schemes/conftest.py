@@ -49,3 +49,17 @@ def project(tmp_path, doubles_env) -> Path:
 @pytest.fixture
 def fake_clock():
     return FakeClock()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A private single-node SLURM for the whole session; skips with the reason if impossible."""
+    from tests.app.schemes.slurm_cluster import SlurmCluster, why_unavailable
+
+    reason = why_unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
