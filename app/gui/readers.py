@@ -210,7 +210,7 @@ class ProjectReader:
         stamps: dict[str, tuple[str | None, float]] = {}
         for d in self.job_dirs():
             rel = d.relative_to(self.project).as_posix() + "/"
-            stamps[rel] = (exit_status(d), _mtime(d) or 0.0)
+            stamps[rel] = (exit_status(d), _dir_stamp(d))
         return ProjectSnapshot(self.project, schemes, stamps)
 
     def job_dirs(self, kind: str | None = None) -> list[Path]:
@@ -244,10 +244,12 @@ class ProjectReader:
         frames: list[pd.DataFrame] = []
         if mc_dir is not None:
             mc = self._table(mc_dir / "corrected_micrographs.star", "micrographs")
+            _require(mc, ("rlnMicrographName",), mc_dir / "corrected_micrographs.star")
             cols = [c for c in ("rlnMicrographName", "rlnAccumMotionTotal") if c in mc]
             frames.append(mc[cols])
         if ctf_dir is not None:
             ctf = self._table(ctf_dir / "micrographs_ctf.star", "micrographs")
+            _require(ctf, ("rlnMicrographName",), ctf_dir / "micrographs_ctf.star")
             cols = [c for c in ("rlnMicrographName", "rlnDefocusU", "rlnDefocusV",
                                 "rlnCtfMaxResolution") if c in ctf]
             frames.append(ctf[cols])
@@ -281,6 +283,7 @@ class ProjectReader:
         if d is None:
             return {}
         t = self._table(d / "autopick.star", "coordinate_files")
+        _require(t, ("rlnMicrographName", "rlnMicrographCoordinates"), d / "autopick.star")
         out = {}
         for mic, coords in zip(t["rlnMicrographName"], t["rlnMicrographCoordinates"]):
             out[str(mic)] = self.project / str(coords)
@@ -392,6 +395,7 @@ class ProjectReader:
             return None
         job = d.relative_to(self.project).as_posix() + "/"
         classes = self._table(model_path, "model_classes")
+        _require(classes, ("rlnReferenceImage",), model_path)
         refs = [str(r) for r in classes["rlnReferenceImage"]]
         numbers = np.array([int(r.split("@")[0]) for r in refs], dtype=int)
         stack = self._cached("mrc", model_path.parent / model_path.name.replace(
@@ -496,6 +500,27 @@ class ProjectReader:
             if g is not None and "rlnCurrentResolution" in g:
                 out.resolution_a = float(g.iloc[0]["rlnCurrentResolution"])
         return out
+
+
+def _require(df: pd.DataFrame, cols: tuple[str, ...], path: Path) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise MetadataError(f"no {', '.join(missing)} column", path)
+
+
+def _dir_stamp(d: Path) -> float:
+    """Newest mtime of a job directory and the files directly in it."""
+    best = _mtime(d) or 0.0
+    try:
+        with os.scandir(d) as it:
+            for e in it:
+                try:
+                    best = max(best, e.stat(follow_symlinks=False).st_mtime)
+                except OSError:
+                    continue
+    except OSError:
+        pass
+    return best
 
 
 def _acq_time(name: str) -> _dt.datetime | None:

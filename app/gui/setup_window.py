@@ -126,6 +126,8 @@ class SetupWindow(QtWidgets.QMainWindow):
         self.form = SetupForm()
         self.start_schemes = start_schemes
         self.movie_path: str | None = None
+        #: further ProcessingSettings values not on the form (site defaults, tests: wait_sec)
+        self.extra_settings: dict[str, object] = {}
         self._filling = False
         self.notifier = Notifier(self)
         self.notes = NotificationArea()
@@ -295,7 +297,7 @@ class SetupWindow(QtWidgets.QMainWindow):
         if probs:
             self.notifier.error("cannot start: " + "; ".join(probs))
             return
-        settings = self.form.settings_dict()
+        settings = {**self.form.settings_dict(), **self.extra_settings}
         self.start_btn.setEnabled(False)
         self.runner.submit(be.create_and_start, settings, self.form.session_path,
                            self.start_schemes, self.movie_path, on_result=self._started)

@@ -275,6 +275,11 @@ class _Scanner(QtCore.QObject):
             self._observer.stop()
             self._observer.join(timeout=5)
             self._observer = None
+        # hand the object (and its timers) back to the GUI thread, which will delete it:
+        # a timer must be stopped and destroyed by the thread that owns it
+        app = QtCore.QCoreApplication.instance()
+        if app is not None:
+            self.moveToThread(app.thread())
 
 
 class ProjectWatcher(QtCore.QObject):
