@@ -520,10 +520,21 @@ def _apply_edit(sch: Scheme, e: dict) -> None:
 
 
 def _queue_or_apply(project: Path, name: str, edit: dict) -> None:
+    """Queue ``edit`` for a running schemer, or apply it (after any edits still queued by a
+    schemer that stopped before it could apply them, so the order is kept)."""
     sch = Scheme.load(project, name, validate=False)
-    _apply_edit(sch, edit)  # checks the edit now, so a bad one fails here, not later
+    queue = scheme_dir(project, name) / EDITS_FILE
     if is_running(project, name):
-        with open(scheme_dir(project, name) / EDITS_FILE, "a", encoding="utf-8") as fh:
+        _apply_edit(sch, edit)  # checks the edit now, so a bad one fails here, not later
+        with open(queue, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(edit) + "\n")
-    else:
-        sch.save()
+        return
+    if queue.exists():
+        for line in queue.read_text(encoding="utf-8").splitlines():
+            try:
+                _apply_edit(sch, json.loads(line))
+            except (ValueError, KeyError, UserError) as exc:
+                log.warning("ignored queued edit %r: %s", line, exc)
+    _apply_edit(sch, edit)
+    sch.save()
+    queue.unlink(missing_ok=True)
