@@ -385,13 +385,23 @@ def _fit_limit(ks, cc, kmin: float, threshold: float, pixel_size_a: float) -> fl
         return float(1.0 / kmin)
     # smooth over 3 shells so one noisy shell does not end the fit
     c = np.convolve(np.nan_to_num(cc[idx]), np.ones(3) / 3.0, mode="same")
-    below = np.nonzero(c < threshold)[0]
-    if below.size == 0:
-        return float(2.0 * pixel_size_a)
-    j = below[0]
-    if j == 0:
+    ok = c >= threshold
+    # the broad rings near the first maximum may fit poorly: the fit starts at the first run
+    # of `start_run` good shells and ends where `stop_run` shells in a row fall below
+    start_run, stop_run = 5, 8
+    start = None
+    for i in range(0, len(ok) - start_run + 1):
+        if ok[i:i + start_run].all():
+            start = i
+            break
+    if start is None:
         return float(1.0 / ks[idx[0]])
-    return float(1.0 / ks[idx[j - 1]])
+    j = start
+    while j < len(ok):
+        if not ok[j] and not ok[j:j + stop_run].any():
+            break
+        j += 1
+    return float(1.0 / ks[idx[max(j - 1, start)]])
 
 
 def estimate_ctf_from_spectrum(ps_half, s: CtfSearch) -> CtfFit:

@@ -1,0 +1,195 @@
+"""Motion correction kernels against frames with known shifts (built with shift_image)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from compute import backend as be
+from compute import fourier, motion
+from compute.errors import ComputeError
+
+N = 512
+
+
+def _truth(rng, n=N):
+    img = fourier.lowpass(rng.standard_normal((n, n)).astype(np.float32), 3.0, 1.0)
+    lo = fourier.lowpass(rng.standard_normal((n, n)).astype(np.float32), 40.0, 1.0)
+    return img / img.std() * 0.3 + lo / lo.std() * 0.5
+
+
+def _drift(nf, total=30.0):
+    t = np.arange(nf)
+    d = total * (1 - np.exp(-t / 5.0)) / (1 - np.exp(-(nf - 1) / 5.0))
+    return np.stack([0.8 * d, -0.6 * d], -1)
+
+
+def _poisson(rng, frames, dose):
+    return rng.poisson(np.clip(dose * (1 + 0.3 * frames), 0, None)).astype(np.uint16)
+
+
+def test_transform_gain_rotates_clockwise_then_flips():
+    g = np.arange(12.0).reshape(3, 4)
+    r = motion.transform_gain(g, 1, 0)
+    assert r.shape == (4, 3) and r[0, -1] == g[0, 0]  # top-left goes to top-right
+    assert np.array_equal(motion.transform_gain(g, 0, 1), g[::-1])
+    assert np.array_equal(motion.transform_gain(g, 2, 2), np.rot90(g, 2)[:, ::-1])
+
+
+def test_global_alignment_recovers_30px_drift(rng):
+    truth = _truth(rng)
+    true = _drift(24)
+    frames = fourier.shift_image(np.repeat(truth[None], 24, 0), true)
+    mov = _poisson(rng, frames, 4.0)
+    res = motion.correct_motion(mov, motion.MotionOptions(pixel_size_a=1.0,
+                                                          dose_per_frame_e_a2=1.0,
+                                                          patch_x=1, patch_y=1))
+    err = res.shifts_px - true
+    rms = np.sqrt((err ** 2).sum(1).mean())
+    assert rms <= 0.1, rms
+    total = np.linalg.norm(np.diff(true, axis=0), axis=1).sum()
+    assert res.accum_motion_total_a == pytest.approx(total, rel=0.05)
+    assert res.accum_motion_early_a + res.accum_motion_late_a == pytest.approx(
+        res.accum_motion_total_a)
+
+
+def test_frame_grouping_and_binning(rng):
+    truth = _truth(rng, 256)
+    true = _drift(16, 10.0)
+    mov = _poisson(rng, fourier.shift_image(np.repeat(truth[None], 16, 0), true), 6.0)
+    res = motion.correct_motion(mov, motion.MotionOptions(
+        pixel_size_a=1.0, dose_per_frame_e_a2=1.0, patch_x=1, patch_y=1, group_frames=2,
+        bin_factor=2.0))
+    assert res.non_weighted.shape == (128, 128) and res.pixel_size_a == pytest.approx(2.0)
+    assert np.sqrt(((res.shifts_px - true) ** 2).sum(1).mean()) < 0.3
+    # binning keeps the mean count per pixel
+    assert res.non_weighted.mean() == pytest.approx(mov.sum(0).mean(), rel=1e-3)
+
+
+def test_patch_alignment_beats_global_on_local_deformation(rng):
+    truth = _truth(rng)
+    nf = 20
+    tau = np.arange(nf) / (nf - 1)
+    g = np.stack([12 * tau, -8 * tau], -1)
+    yy, xx = np.mgrid[0:N, 0:N].astype(np.float64)
+    cy, cx = yy - N / 2, xx - N / 2
+    frames = []
+    for i in range(nf):
+        a = np.deg2rad(0.8) * tau[i]  # a slow rotation: up to 3 px at the corners
+        ly = (np.cos(a) - 1) * cy - np.sin(a) * cx
+        lx = np.sin(a) * cy + (np.cos(a) - 1) * cx
+        frames.append(ndimage.map_coordinates(truth, [yy - g[i, 0] - ly, xx - g[i, 1] - lx],
+                                              order=3, mode="wrap"))
+    mov = _poisson(rng, np.array(frames, np.float32), 3.0)
+    opts = dict(pixel_size_a=1.0, dose_per_frame_e_a2=1.0)
+    glob = motion.correct_motion(mov, motion.MotionOptions(patch_x=1, patch_y=1, **opts))
+    loc = motion.correct_motion(mov, motion.MotionOptions(patch_x=3, patch_y=3, **opts))
+    band = slice(20, 150)
+    f_glob = fourier.frc(glob.non_weighted, truth)[band].mean()
+    f_loc = fourier.frc(loc.non_weighted, truth)[band].mean()
+    assert f_loc > f_glob + 0.1, (f_loc, f_glob)
+    assert loc.local_model is not None and loc.patch_shifts_px.shape == (9, nf, 2)
+
+
+def test_dose_weighting_raises_high_resolution_frc(rng):
+    truth = _truth(rng)
+    nf, dose = 30, 1.5
+    shifts = _drift(nf, 6.0)
+    F = be.rfft2(truth)
+    ky = np.fft.fftfreq(N)[:, None]
+    kx = np.fft.rfftfreq(N)[None, :]
+    k = np.sqrt(ky ** 2 + kx ** 2)
+    q = motion.dose_weights(nf, k, dose)  # radiation damage fades high resolution
+    faded = np.stack([be.irfft2(F * q[i], s=(N, N)) for i in range(nf)]).astype(np.float32)
+    mov = _poisson(rng, fourier.shift_image(faded, shifts), dose)
+    res = motion.correct_motion(mov, motion.MotionOptions(
+        pixel_size_a=1.0, dose_per_frame_e_a2=dose, patch_x=1, patch_y=1))
+    hi = slice(N // 8, 150)  # beyond 1/8 A^-1
+    f_dw = fourier.frc(res.dose_weighted, truth)[hi]
+    f_plain = fourier.frc(res.non_weighted, truth)[hi]
+    assert f_dw.mean() > f_plain.mean() + 0.02, (f_dw.mean(), f_plain.mean())
+    # low frequencies are left alone
+    assert np.allclose(fourier.frc(res.dose_weighted, truth)[2:10],
+                       fourier.frc(res.non_weighted, truth)[2:10], atol=0.02)
+
+
+def test_critical_exposure_values():
+    ne = motion.critical_exposure(np.array([0.0, 0.1, 0.25]))
+    assert np.isinf(ne[0])
+    assert ne[1] == pytest.approx(0.245 * 0.1 ** -1.665 + 2.81)
+    assert motion.critical_exposure(np.array([0.1]), 200)[0] == pytest.approx(0.8 * ne[1])
+
+
+def test_hot_pixels_and_defect_map_do_not_pin_the_alignment(rng):
+    truth = _truth(rng, 256)
+    true = _drift(12, 12.0)
+    mov = _poisson(rng, fourier.shift_image(np.repeat(truth[None], 12, 0), true), 3.0)
+    hot = rng.integers(0, 256, size=(40, 2))
+    mov[:, hot[:, 0], hot[:, 1]] = 200  # static hot pixels
+    mov[:, :, 100] = 0  # a dead column, given in the defect map
+    defects = np.zeros((256, 256), bool)
+    defects[:, 100] = True
+    res = motion.correct_motion(mov, motion.MotionOptions(
+        pixel_size_a=1.0, dose_per_frame_e_a2=1.0, patch_x=1, patch_y=1),
+        defect_mask=defects)
+    found = {tuple(v) for v in res.defect_yx}
+    assert all((y, x) in found for y, x in hot)
+    assert np.sqrt(((res.shifts_px - true) ** 2).sum(1).mean()) < 0.2
+
+
+def test_gain_is_applied_and_bad_input_is_refused(rng):
+    truth = _truth(rng, 128)
+    mov = _poisson(rng, np.repeat(truth[None], 4, 0), 5.0)
+    gain = rng.uniform(0.5, 2.0, (128, 128)).astype(np.float32)
+    raw = np.round(mov / gain).astype(np.float32)
+    res = motion.correct_motion(raw, motion.MotionOptions(pixel_size_a=1.0, patch_x=1,
+                                                          patch_y=1, hot_pixel_sigma=None),
+                                gain=gain)
+    out = res.non_weighted.ravel()
+    with_gain = np.corrcoef(out, (raw * gain).sum(0).ravel())[0, 1]
+    without = np.corrcoef(out, raw.sum(0).ravel())[0, 1]
+    assert with_gain > 0.95 and with_gain > without + 0.2
+    assert out.mean() == pytest.approx((raw * gain).sum(0).mean(), rel=1e-3)
+    with pytest.raises(ComputeError, match="gain reference is 64x128"):
+        motion.correct_motion(raw, motion.MotionOptions(pixel_size_a=1.0),
+                              gain=np.ones((128, 64)))
+    bad = raw.copy()
+    bad[2, 5, 5] = np.nan
+    with pytest.raises(ComputeError, match="frame 3 contains NaN"):
+        motion.correct_motion(bad, motion.MotionOptions(pixel_size_a=1.0))
+    bad = raw.copy()
+    bad[1] = 0
+    with pytest.raises(ComputeError, match="frame 2 is all zeros"):
+        motion.correct_motion(bad, motion.MotionOptions(pixel_size_a=1.0))
+
+
+def test_local_model_fit_recovers_coefficients(rng):
+    shape = (1000, 1000)
+    true = motion.LocalMotionModel(rng.normal(0, 2, (2, 3, 6)), shape, 10)
+    c = np.stack(np.meshgrid(np.linspace(100, 900, 5), np.linspace(100, 900, 5),
+                             indexing="ij"), -1).reshape(-1, 2)
+    meas = np.stack([true.evaluate(c, f) for f in range(10)], axis=1) + rng.normal(0, 1, (25, 1, 2))
+    fit = motion.fit_local_motion(c, meas, shape)
+    assert np.allclose(fit.coeffs, true.coeffs, atol=1e-6)
+
+
+def test_interpolate_group_shifts_linear():
+    gs = np.array([[0.0, 0.0], [2.0, -2.0], [4.0, -4.0]])
+    out = motion.interpolate_group_shifts(gs, 2, 6)
+    assert np.allclose(out[:, 0], np.arange(6) * 1.0)
+
+
+@pytest.mark.gpu
+def test_motion_gpu_parity(rng):
+    if not be.gpu_available():
+        pytest.skip("no usable GPU")
+    cp = be.get_xp("gpu")
+    truth = _truth(rng, 256)
+    true = _drift(8, 8.0)
+    mov = _poisson(rng, fourier.shift_image(np.repeat(truth[None], 8, 0), true), 4.0)
+    o = motion.MotionOptions(pixel_size_a=1.0, dose_per_frame_e_a2=1.0, patch_x=1, patch_y=1)
+    a = motion.correct_motion(mov, o)
+    b = motion.correct_motion(cp.asarray(mov), o)
+    assert np.allclose(a.shifts_px, b.shifts_px, atol=0.02)
+    assert np.allclose(a.non_weighted, be.to_numpy(b.non_weighted), rtol=1e-3, atol=1e-2)
