@@ -294,7 +294,7 @@ def simulate_micrograph(
     diam_px = max(m.diameter_a for m in mols) / ps
     min_d = (min_distance_a / ps) if min_distance_a else 0.9 * diam_px
     boxes = {m.name: default_box(m, ps, 1.2) for m in mols}
-    margin = 0.5 * diam_px
+    margin = min(0.5 * diam_px, 0.25 * min(shape))
 
     def forbidden(c):
         bad = np.zeros(len(c), dtype=bool)
