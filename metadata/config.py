@@ -297,3 +297,26 @@ def detector_for(record: MovieRecord, cfg: InstrumentConfig) -> Detector | None:
     found = cfg.detector([record.detector_commercial_name, record.camera_name, record.detector],
                          eer=record.eer, frame_rate_hz=record.eer_frame_rate_hz)
     return found[1] if found else None
+
+
+def find_gain_reference(det: Detector | None, movie_dir: str | Path | None,
+                        session_dir: str | Path | None = None) -> Path | None:
+    """Apply a detector's ``gain_reference`` rule: the newest file matching the first pattern
+    that matches anything (``{movie_dir}``, ``{session}`` substituted). ``None`` if none."""
+    import glob
+
+    if det is None or not det.gain_reference:
+        return None
+    subs = {"movie_dir": str(movie_dir) if movie_dir else None,
+            "session": str(session_dir) if session_dir else None}
+    for pattern in det.gain_reference:
+        try:
+            filled = pattern.format(**subs)
+        except (KeyError, IndexError, ValueError):
+            continue
+        if "None" in filled.split(os.sep):
+            continue
+        hits = [Path(h) for h in glob.glob(filled) if Path(h).is_file()]
+        if hits:
+            return max(hits, key=lambda h: h.stat().st_mtime)
+    return None

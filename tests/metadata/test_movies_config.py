@@ -114,3 +114,14 @@ def test_invalid_site_config(tmp_path, text, match):
     site.write_text(text)
     with pytest.raises(MetadataError, match=match):
         config.load_instruments(site)
+
+
+def test_gain_reference_rule(tmp_path):
+    cfg = config.load_instruments()
+    det = cfg.resolved_detector("falcon4i_eer")
+    assert config.find_gain_reference(det, tmp_path / "movies", tmp_path) is None
+    (tmp_path / "movies").mkdir()
+    g = tmp_path / "20240101_gain.gain"
+    g.write_bytes(b"x")
+    assert config.find_gain_reference(det, tmp_path / "movies", tmp_path) == g
+    assert config.find_gain_reference(cfg.resolved_detector("falcon3"), tmp_path, tmp_path) is None
