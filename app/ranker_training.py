@@ -16,7 +16,7 @@ labelled real classification outputs (``run_itNNN_model.star`` with ground-truth
 particle labels) to a split.
 
 ``train`` fits the full network and the two baselines (features only, image only) with
-``torch.set_num_threads(2)``, writes ``ranker.pt`` (full model + feature statistics),
+``torch.set_num_threads(1)`` (one thread is fastest on this shared 2-core machine), writes ``ranker.pt`` (full model + feature statistics),
 ``feature_stats.json`` and ``validation.json``/``validation.md`` (MSE, particle-level
 FPR/FNR at the 0.15 threshold for all three).
 """
@@ -86,6 +86,114 @@ def generate(split: str, n_jobs: int, seed: int, out: Path, molecules: list[str]
     return path
 
 
+#: particle kinds of compute.simulate.particles counted as correctly picked molecules
+GOOD_PARTICLE_KINDS = ("particle", "neighbour")
+
+
+def class2d_job(seed: int, molecule: str, snr: float, junk_fraction: float, n_particles: int,
+                n_classes: int, n_iter: int, box: int = 64):
+    """Run scopeside's own VDAM 2D classification on a simulated stack and label its classes.
+
+    Returns (class images, ClassMeta list, ClassTruth list, pixel size, diameter). The
+    classification reports no accuracies, so those metadata are ``None`` (as for any
+    classification without accuracy columns).
+    """
+    from compute.ranker.features import ClassMeta
+    from compute.ranker.synth import ClassTruth, best_match_frc, target_score
+    from compute.simulate.molecules import density_map
+    from compute.simulate.molecules import molecule as get_molecule
+    from compute.simulate.particles import simulate_particles
+    from compute.simulate.project import Projector
+    from compute.vdam.classify2d import ArraySource, Classify2D, Classify2DParams
+    from compute.vdam.estep2d import CtfBatch
+
+    mol = get_molecule(molecule)
+    stack = simulate_particles(n_particles, [molecule], box=box, junk_fraction=junk_fraction,
+                               snr=snr, seed=seed)
+    tr = stack.truth
+    px = tr.pixel_size_a
+    n = len(tr)
+    c = tr.ctf
+    ctfb = CtfBatch(c.defocus_u_a, c.defocus_v_a, c.defocus_angle_deg,
+                    np.full(n, c.voltage_kv), np.full(n, c.cs_mm), np.full(n, c.amplitude_contrast),
+                    c.phase_shift_deg, c.bfactor_a2)
+    diameter = 1.1 * mol.diameter_a
+    clf = Classify2D(ArraySource(np.asarray(stack.images), px, ctfb),
+                     Classify2DParams(n_classes=n_classes, n_iter=n_iter,
+                                      particle_diameter_a=diameter, seed=seed))
+    clf.initialise()
+    while not clf.done:
+        clf.step()
+    res = clf.final_pass()
+    imgs = clf.class_images()
+    cres = clf.class_resolution_a()
+    cls = res.class_index
+    good_particle = np.isin(tr.kind, GOOD_PARTICLE_KINDS)
+    proj = Projector(density_map(mol, box, px))
+    rots = tr.rotations()
+    metas, truth = [], []
+    rng = np.random.default_rng(seed)
+    for k in range(n_classes):
+        members = np.flatnonzero(cls == k)
+        cnt = members.size
+        metas.append(ClassMeta(float(cnt), None, None,
+                               float(cres[k]) if np.isfinite(cres[k]) else None))
+        if cnt == 0:
+            truth.append(ClassTruth("class2d", 0, 0.0, 0.0, 0.0))
+            continue
+        purity = float(good_particle[members].mean())
+        oriented = members[good_particle[members] & np.isfinite(rots[members, 0, 0])]
+        if oriented.size:
+            pick = rng.choice(oriented, size=min(8, oriented.size), replace=False)
+            refs = proj.project(rots[pick]) * np.asarray(clf.estep.mask)
+            frc = best_match_frc(imgs[k], np.asarray(refs), px, diameter)
+        else:
+            frc = 0.0
+        truth.append(ClassTruth("class2d", int(cnt), purity, frc, target_score(purity, frc)))
+    return imgs, metas, truth, px, diameter
+
+
+def generate_class2d(split: str, n_jobs: int, seed: int, out: Path, n_iter: int,
+                     molecules: list[str] | None = None) -> Path:
+    """Real 2D classifications of simulated stacks -> ``out/class2d_<split>.npz``."""
+    from compute.ranker.features import job_features, network_images
+
+    mols = molecules or (TRAIN_MOLECULES if split == "train" else VAL_MOLECULES)
+    rng = np.random.default_rng(seed)
+    cols: dict[str, list] = {k: [] for k in ("images", "features", "scored", "target", "purity",
+                                             "frc", "good", "n_particles", "job", "kind")}
+    t0 = time.monotonic()
+    for j in range(n_jobs):
+        mol = str(mols[j % len(mols)])
+        snr = float(np.exp(rng.uniform(np.log(0.02), np.log(0.2))))
+        junk = float(rng.uniform(0.15, 0.6))
+        imgs, metas, truth, px, diam = class2d_job(seed * 1000 + j, mol, snr, junk,
+                                                   int(rng.integers(1500, 3000)),
+                                                   int(rng.integers(10, 20)), n_iter)
+        X, scored = job_features(imgs, metas, px, diam)
+        cols["images"].append(network_images(imgs, px, diam).astype(np.float16))
+        cols["features"].append(X)
+        cols["scored"].append(scored)
+        for key, vals in (("target", [t.score for t in truth]),
+                          ("purity", [t.purity for t in truth]),
+                          ("frc", [t.frc_score for t in truth]),
+                          ("good", [t.good for t in truth]),
+                          ("n_particles", [m.n_particles for m in metas]),
+                          ("job", [10000 + j] * len(truth)), ("kind", [t.kind for t in truth])):
+            cols[key].append(vals)
+        log.info("class2d %s job %d/%d: %s SNR %.3f junk %.2f, %d classes, %d good (%.0f s)",
+                 split, j + 1, n_jobs, mol, snr, junk, len(truth),
+                 sum(t.good for t in truth), time.monotonic() - t0)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"class2d_{split}.npz"
+    np.savez_compressed(
+        path, images=np.concatenate(cols["images"]), features=np.concatenate(cols["features"]),
+        scored=np.concatenate(cols["scored"]),
+        **{k: np.concatenate([np.asarray(v) for v in cols[k]])
+           for k in ("target", "purity", "frc", "good", "n_particles", "job", "kind")})
+    return path
+
+
 def load_split(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as d:
         data = {k: d[k] for k in d.files}
@@ -135,6 +243,11 @@ def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str]
 
     tr = load_split(data_dir / "train.npz")
     va = load_split(data_dir / "val.npz")
+    if (data_dir / "class2d_train.npz").is_file():  # real classifications, when made
+        extra = load_split(data_dir / "class2d_train.npz")
+        tr = {k: np.concatenate([tr[k], extra[k]]) for k in tr}
+    va2d = load_split(data_dir / "class2d_val.npz") if (data_dir / "class2d_val.npz").is_file() \
+        else None
     stats = FeatureStats.fit(tr["features"])
     Ztr = normalise_features(tr["features"], stats)
     Zva = normalise_features(va["features"], stats)
@@ -156,6 +269,10 @@ def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str]
         ev_tr = evaluate_predictions(predict(model, Itr, Ztr), tr)
         results["models"][mode] = {"val": ev, "train_mse": ev_tr["mse"], "seconds": secs,
                                    "epochs": epochs, "history": hist}
+        if va2d is not None:
+            results["models"][mode]["val_class2d"] = evaluate_predictions(
+                predict(model, va2d["images"].astype(np.float32),
+                        normalise_features(va2d["features"], stats)), va2d)
         log.info("%s: val MSE %.4f FPR %.3f FNR %.3f (%.0f s)", mode, ev["mse"], ev["fpr"],
                  ev["fnr"], secs)
         if mode == "full":
@@ -213,11 +330,18 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, required=True)
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--molecules", default="", help="comma-separated (default: per split)")
+    c = sub.add_parser("generate-class2d",
+                       help="run VDAM 2D classification on simulated stacks, label the classes")
+    c.add_argument("--split", choices=["train", "val"], required=True)
+    c.add_argument("--jobs", type=int, required=True)
+    c.add_argument("--seed", type=int, required=True)
+    c.add_argument("--iter", type=int, default=100, help="VDAM mini-batches")
+    c.add_argument("--out", type=Path, required=True)
     t = sub.add_parser("train", help="train the network and the two baselines")
     t.add_argument("--data", type=Path, required=True)
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--epochs", type=int, default=20)
-    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--threads", type=int, default=1)
     t.add_argument("--modes", default="full,features,image")
     t.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("evaluate", help="validation figures of shipped weights")
@@ -228,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "generate":
         mols = [m for m in args.molecules.split(",") if m] or None
         print(generate(args.split, args.jobs, args.seed, args.out, mols))
+    elif args.cmd == "generate-class2d":
+        print(generate_class2d(args.split, args.jobs, args.seed, args.out, args.iter))
     elif args.cmd == "train":
         res = train(args.data, args.out, args.epochs, args.threads, args.modes.split(","),
                     args.seed)

@@ -138,8 +138,20 @@ def read_classification(optimiser: str | Path, project_dir: str | Path | None = 
     proj = Path(project_dir) if project_dir else None
     warns: list[str] = []
     if opt_path.name.endswith("_model.star"):
-        raise UserError(f"{opt_path}: give the run_itNNN_optimiser.star, not the model.star")
-    opt = read_star(opt_path)
+        # a model.star: use its sibling optimiser.star, or the data.star beside it
+        sib = opt_path.with_name(opt_path.name[:-len("_model.star")] + "_optimiser.star")
+        if sib.is_file():
+            opt_path = sib
+        else:
+            data_sib = opt_path.with_name(opt_path.name[:-len("_model.star")] + "_data.star")
+            if not data_sib.is_file():
+                raise UserError(f"{opt_path}: no {sib.name} or {data_sib.name} beside it")
+            warns.append(f"{sib} not found: particle diameter taken from the box")
+            opt = {"optimiser_general": pd.DataFrame({
+                "rlnModelStarFile": [str(opt_path.resolve())],
+                "rlnExperimentalDataStarFile": [str(data_sib.resolve())]})}
+    if opt_path.name.endswith("_optimiser.star") or not opt_path.name.endswith("_model.star"):
+        opt = read_star(opt_path)
     model_name = _scalar(opt, "rlnModelStarFile")
     data_name = _scalar(opt, "rlnExperimentalDataStarFile")
     if model_name is None or data_name is None:

@@ -38,6 +38,7 @@ from compute.ctf import CtfParams, ctf_2d
 from compute.fourier import radial_index, soft_mask
 from compute.geometry import euler_to_matrix
 from compute.ranker.features import ClassMeta
+from compute.simulate.particles import carbon_edge, ice_blob
 
 KINDS = ("good", "views_mixed", "misaligned", "partial", "neighbours", "offcentre",
          "wrong_ctf", "aggregate", "ice", "carbon", "empty")
@@ -160,7 +161,6 @@ class _JobSim:
     def junk(self, kind: str, m: int) -> np.ndarray:
         rng, n = self.rng, self.n
         R = self.mol_r_px
-        yy, xx = self.yy, self.xx
         if kind == "empty":
             return np.zeros((m, n, n // 2 + 1), dtype=np.complex128)
         if kind == "aggregate":
@@ -172,24 +172,19 @@ class _JobSim:
                 out[i] = self.views(eul, sh).sum(axis=0)
             return out
         if kind == "ice":
-            imgs = np.zeros((m, n, n))
             amp = self.junk_sd * rng.uniform(1.5, 4.0)
-            for i in range(m):
-                for _ in range(int(rng.integers(1, 3))):
-                    cy, cx = rng.normal(0, 0.4 * R, 2)
-                    sig = rng.uniform(0.3, 0.9) * R
-                    imgs[i] += amp * rng.choice([-1, 1]) * np.exp(
-                        -0.5 * ((yy - cy) ** 2 + (xx - cx) ** 2) / sig ** 2)
+            imgs = np.stack([ice_blob(rng, n, amp) for _ in range(m)]).astype(np.float64)
+            imgs -= imgs.mean(axis=(1, 2), keepdims=True)
             return self._real(imgs)
         if kind == "carbon":
-            ang0 = rng.uniform(0, np.pi)
+            # a classification aligns carbon edges: turn each edge to a common direction
             amp = self.junk_sd * rng.uniform(1.0, 3.0)
+            target = rng.uniform(0, 180)
             imgs = np.empty((m, n, n))
             for i in range(m):
-                a = ang0 + rng.normal(0, np.deg2rad(8))
-                d = rng.normal(0, 0.3 * R)
-                w = rng.uniform(1.0, 3.0)
-                imgs[i] = amp * np.tanh((np.cos(a) * xx + np.sin(a) * yy - d) / w)
+                im = carbon_edge(rng, n, amp).astype(np.float64)
+                imgs[i] = _align_edge(im, target + rng.normal(0, 6))
+            imgs -= imgs.mean(axis=(1, 2), keepdims=True)
             return self._real(imgs)
         raise ValueError(kind)
 
@@ -280,6 +275,15 @@ class _JobSim:
         frc_score = best_match_frc(img, refs_img, self.px, self.cond.diameter_a)
         truth = ClassTruth(kind, int(n_part), purity, frc_score, target_score(purity, frc_score))
         return img.astype(np.float32), meta, truth
+
+
+def _align_edge(img: np.ndarray, angle_deg: float) -> np.ndarray:
+    """Rotate an image with one straight edge so that the edge normal points at ``angle_deg``
+    (bright side first), from the structure tensor of the smoothed image."""
+    sm = ndimage.gaussian_filter(img, 2.0)
+    gy, gx = np.gradient(sm)
+    theta = np.degrees(np.arctan2(gy.sum(), gx.sum()))  # mean gradient: towards the bright side
+    return ndimage.rotate(img, theta - angle_deg, reshape=False, order=1, mode="nearest")
 
 
 def _shell_mean(v: np.ndarray, shell: np.ndarray, n: int) -> np.ndarray:

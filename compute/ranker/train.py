@@ -30,7 +30,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
 
 
 def _augment(img: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -104,7 +104,7 @@ def fit(images: np.ndarray, features: np.ndarray, targets: np.ndarray, cfg: Trai
             loss.backward()
             opt.step()
             sched.step()
-            tot += float(loss) * len(idx)
+            tot += float(loss.detach()) * len(idx)
             cnt += len(idx)
         vm = None
         if val is not None:
