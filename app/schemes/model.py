@@ -127,6 +127,7 @@ class Scheme:
     path: Path | None = None
     #: the text of scheme_general's _rlnSchemeName as read (``Schemes/prep/``)
     scheme_dir_name: str = ""
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -209,45 +210,56 @@ class Scheme:
         return sch
 
     # -- writing ----------------------------------------------------------------------------
+    def _loop(self, name: str, labels: list[str], rows: list[tuple]) -> str:
+        """A loop table's text, reused while its rows are unchanged (the schemer saves after
+        every step, and usually only the current node changed)."""
+        key = repr(rows)  # repr, not ==: keeps -0.0/0.0 and True/1.0 apart
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        text = starfmt.format_loop(name, labels, [list(r) for r in rows])
+        self._cache[name] = (key, text)
+        return text
+
     def to_text(self) -> str:
         """scheme.star text in RELION 4's layout (tables sorted by name, as RELION's maps are)."""
         parts = [starfmt.format_list("scheme_general", [
             ("rlnSchemeName", self.scheme_dir_name or f"Schemes/{self.name}/"),
             ("rlnSchemeCurrentNodeName", self.current_node)])]
         if self.floats:
-            parts.append(starfmt.format_loop(
+            parts.append(self._loop(
                 "scheme_floats", ["rlnSchemeFloatVariableName", "rlnSchemeFloatVariableValue",
                                   "rlnSchemeFloatVariableResetValue"],
-                [[k, float(v.value), float(v.reset)] for k, v in sorted(self.floats.items())]))
+                [(k, float(v.value), float(v.reset)) for k, v in sorted(self.floats.items())]))
         if self.bools:
-            parts.append(starfmt.format_loop(
+            parts.append(self._loop(
                 "scheme_bools", ["rlnSchemeBooleanVariableName", "rlnSchemeBooleanVariableValue",
                                  "rlnSchemeBooleanVariableResetValue"],
-                [[k, bool(v.value), bool(v.reset)] for k, v in sorted(self.bools.items())]))
+                [(k, bool(v.value), bool(v.reset)) for k, v in sorted(self.bools.items())]))
         if self.strings:
-            parts.append(starfmt.format_loop(
+            parts.append(self._loop(
                 "scheme_strings", ["rlnSchemeStringVariableName", "rlnSchemeStringVariableValue",
                                    "rlnSchemeStringVariableResetValue"],
-                [[k, str(v.value), str(v.reset)] for k, v in sorted(self.strings.items())]))
+                [(k, str(v.value), str(v.reset)) for k, v in sorted(self.strings.items())]))
         if self.operators:
-            parts.append(starfmt.format_loop(
+            parts.append(self._loop(
                 "scheme_operators", ["rlnSchemeOperatorName", "rlnSchemeOperatorType",
                                      "rlnSchemeOperatorOutput", "rlnSchemeOperatorInput1",
                                      "rlnSchemeOperatorInput2"],
-                [[k, o.type, o.output, o.input1, o.input2]
+                [(k, o.type, o.output, o.input1, o.input2)
                  for k, o in sorted(self.operators.items())]))
         if self.jobs:
-            parts.append(starfmt.format_loop(
+            parts.append(self._loop(
                 "scheme_jobs", ["rlnSchemeJobNameOriginal", "rlnSchemeJobName",
                                 "rlnSchemeJobMode", "rlnSchemeJobHasStarted"],
-                [[k, j.current_name, j.mode, bool(j.has_started)]
+                [(k, j.current_name, j.mode, bool(j.has_started))
                  for k, j in sorted(self.jobs.items())]))
         if self.edges:
-            parts.append(starfmt.format_loop(
+            parts.append(self._loop(
                 "scheme_edges", ["rlnSchemeEdgeInputNodeName", "rlnSchemeEdgeOutputNodeName",
                                  "rlnSchemeEdgeIsFork", "rlnSchemeEdgeOutputNodeNameIfTrue",
                                  "rlnSchemeEdgeBooleanVariable"],
-                [[e.input, e.output, bool(e.is_fork), e.output_if_true, e.bool_var]
+                [(e.input, e.output, bool(e.is_fork), e.output_if_true, e.bool_var)
                  for e in self.edges]))
         return "".join(parts)
 

@@ -44,6 +44,9 @@ RUNNING_FILE = ".scopeside_running.json"
 #: scheme-dir queue of edits made while a schemer runs (applied at its next step)
 EDITS_FILE = ".scopeside_edits.jsonl"
 LOCK_TEXT = "lock mechanism from Schemer"
+#: operators with effects outside the scheme: their step is always saved at once
+SIDE_EFFECTS = {"touch_file", "copy_file", "move_file", "delete_file", "email", "exit",
+                "exit_maxtime"}
 
 _SCHEME_PATH = re.compile(r"Schemes/([^/\s,;:\"']+)/([^/\s,;:\"']+)/")
 _VAR = re.compile(r"\$\$([A-Za-z0-9_]+)")
@@ -163,12 +166,18 @@ class Schemer:
         After an abort, how long a job gets to stop by itself before it is killed/cancelled.
     on_event
         Called with an :class:`Event` for every step (the GUI's progress hook).
+    save_interval_s
+        0 (default, as RELION): scheme.star is written after every step. > 0: consecutive
+        steps of operators that only change variables are written at most this often (jobs,
+        waits that slept, file/e-mail operators, edits and the end are always written at
+        once), so a killed schemer resumes from a consistent state at most this much older.
     """
 
     def __init__(self, project: str | Path, name: str, executor: Executor | None = None,
                  clock: Clock | None = None, poll_s: float = 0.5, input_wait_s: float = 60.0,
                  abort_grace_s: float = 10.0,
-                 on_event: Callable[[Event], None] | None = None) -> None:
+                 on_event: Callable[[Event], None] | None = None,
+                 save_interval_s: float = 0.0) -> None:
         if executor is None:
             from app.executors.local import LocalExecutor
 
@@ -181,6 +190,9 @@ class Schemer:
         self.input_wait_s = input_wait_s
         self.abort_grace_s = abort_grace_s
         self.on_event = on_event
+        self.save_interval_s = save_interval_s
+        self._last_save = 0.0
+        self._dirty = False
         self.dir = scheme_dir(self.project, name)
         self.scheme: Scheme | None = None
         self.stop_event: threading.Event | None = None
@@ -200,9 +212,18 @@ class Schemer:
             return True
         return (self.dir / ABORT_NOW).exists()
 
-    def _save(self) -> None:
+    def _save(self, force: bool = True) -> None:
+        """Write scheme.star atomically. With ``save_interval_s`` > 0, a step that only changed
+        variables (``force=False``) may be written together with the next one within that
+        interval; everything else is written at once."""
         assert self.scheme is not None
+        now = time.monotonic()
+        if not force and self.save_interval_s > 0 and now - self._last_save < self.save_interval_s:
+            self._dirty = True
+            return
         self.scheme.save(self.dir / "scheme.star")
+        self._last_save = now
+        self._dirty = False
 
     def _apply_edits(self) -> None:
         """Apply variable/job edits queued by :func:`set_variable` etc. while we run."""
@@ -296,6 +317,8 @@ class Schemer:
             result = self._loop()
         except UserError as exc:
             result = RunResult("failed", str(exc), self.visited)
+            if self.scheme is not None and self._dirty:
+                self._save()
         finally:
             lock.release()
         marker = {"finished": SUCCESS, "failed": FAILURE, "aborted": ABORTED}[result.state]
@@ -329,7 +352,9 @@ class Schemer:
                                  self.visited)
             self.visited.append(node)
             self._emit("node", node)
+            pure = False
             if sch.is_operator(node):
+                t_op = time.monotonic()
                 try:
                     execute(ctx, node)
                 except StopScheme as exc:
@@ -340,13 +365,15 @@ class Schemer:
                     self._save()
                     return RunResult("aborted", f"scheme {self.name} aborted while {node} "
                                                 "was waiting", self.visited)
+                pure = (sch.operators[node].type not in SIDE_EFFECTS
+                        and time.monotonic() - t_op < 0.01)
             else:
                 outcome = self._run_job(node)
                 if outcome is not None:
                     return outcome
             nxt = sch.next_node(node)
             sch.current_node = nxt
-            self._save()
+            self._save(force=not pure or nxt == UNDEF)
             if nxt == UNDEF:
                 return RunResult("finished", f"scheme {self.name}: no edge leaves {node}",
                                  self.visited)

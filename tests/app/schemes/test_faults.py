@@ -164,3 +164,14 @@ def test_kill_9_of_the_schemer_then_run_again(project, job_survives):
     st = api.status(project, "t")
     assert st["state"] == "finished" and not (project / ".relion_lock_scheme_t").exists()
     assert [j["state"] for j in st["jobs"]] == ["success", "success"]
+
+
+def test_coalesced_saves_end_in_a_consistent_state(project):
+    make_scheme(project, "t", floats={"zero": 0, "n": 0, "stop": 200}, bools={"more": True},
+                operators={"WAIT": ("wait", U, "zero", U), "INC": ("float=plus", "n", "n", "1"),
+                           "CHECK": ("bool=lt", "more", "n", "stop"), "END": ("exit", U, U, U)},
+                edges=[("WAIT", "INC"), ("INC", "CHECK"), ("CHECK", "END", "WAIT", "more")])
+    res = Schemer(project, "t", InlineExecutor(), save_interval_s=60).run()
+    assert res.state == "finished" and len(res.visited) == 3 * 200 + 1
+    st = api.status(project, "t")
+    assert st["current_node"] == "END" and st["variables"]["n"]["value"] == 200
