@@ -29,6 +29,7 @@ hands the optimiser) plus per-particle results for the ``_data.star``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -169,6 +170,8 @@ class Estep2D:
         self.psi = sampling.psi_deg()
         self.offsets = sampling.offsets_px()
         self.r_max: float | None = None
+        #: seconds spent per part of :meth:`run` (for profiling and the benchmark)
+        self.timings: dict[str, float] = {}
 
     # -- geometry shared with the optimiser ----------------------------------------------------
     def to_fourier(self, real):
@@ -226,6 +229,14 @@ class Estep2D:
             w.append(ww)
         self._read_idx = xp.asarray(np.stack(idx, -1))             # (R, F, 4)
         self._read_w = xp.asarray(np.stack(w, -1).astype(np.float32))
+        self._read_mat = None
+        if xp is np:  # CPU: the bilinear read as one sparse matrix (R*F, m*m)
+            import scipy.sparse as sp
+
+            nrow = self._read_idx.shape[0] * self._read_idx.shape[1]
+            self._read_mat = sp.csr_matrix(
+                (self._read_w.ravel(), (np.repeat(np.arange(nrow), 4), self._read_idx.ravel())),
+                shape=(nrow, m * m))
         # phase ramps for the translations: exp(-2 pi i f.t / n), (T, F)
         ph = -2.0 * np.pi * (np.outer(self.offsets[:, 0], fxs) + np.outer(self.offsets[:, 1], fys)) / n
         self._ramp = xp.asarray(np.exp(1j * ph).astype(np.complex64))
@@ -293,6 +304,11 @@ class Estep2D:
         P = self._padded_transforms(refs_fourier)
         k = P.shape[0]
         R, F = self._read_idx.shape[:2]
+        if self._read_mat is not None:
+            both = np.concatenate([P.real.T, P.imag.T], axis=1)                    # (m*m, 2K)
+            out = np.asarray(self._read_mat @ both, dtype=np.float32)              # (R*F, 2K)
+            W = out[:, :k] + 1j * out[:, k:]
+            return np.ascontiguousarray(W.T.reshape(k, R, F)).astype(np.complex64)
         out = self.xp.empty((k, R, F), dtype=np.complex64)
         for j in range(R):
             out[:, j] = (P[:, self._read_idx[j]] * self._read_w[j]).sum(-1)
@@ -362,8 +378,11 @@ class Estep2D:
         n = self.box
         s2 = xp.asarray(sigma2, dtype=np.float32)[xp.asarray(self._shell)]          # (F,)
         inv_s2 = xp.asarray(self._mult) / xp.maximum(s2, 1e-30)                     # mult/sigma2
+        tick = _Ticker(self.timings)
         W = self.project(refs_fourier)                                              # (K, R, F)
-        Wr = xp.concatenate([W.real, W.imag], axis=-1).reshape(K * R, 2 * F)        # (KR, 2F)
+        # sigma2 folded into the references: cross = sum Re(conj(W) Y) mult / sigma2
+        Wr = (xp.concatenate([W.real, W.imag], axis=-1)
+              * xp.concatenate([inv_s2, inv_s2])).reshape(K * R, 2 * F)          # (KR, 2F)
         W2 = (W.real**2 + W.imag**2).reshape(K * R, F)
         ctfv = self.ctf_values(ctf)                                                 # (B, F)
         Xs = X.reshape(B, -1)[:, xp.asarray(self._flat)]                            # (B, F)
@@ -376,8 +395,8 @@ class Estep2D:
         Xs = Xs * xp.asarray(np.exp(1j * pph).astype(np.complex64))
         lp = xp.asarray(log_prior, dtype=np.float32)
         lp_cols = xp.repeat(lp, R)                                                   # (KR,)
-        dead = ~xp.isfinite(lp_cols)
         halves = np.asarray(halves).astype(np.int64)
+        tick("project")
 
         if accumulate:
             data_sum = xp.zeros((2, K, R, F), dtype=np.complex64)
@@ -392,24 +411,31 @@ class Estep2D:
         cnt_shell = xp.bincount(shell_x, weights=xp.asarray(self._mult, dtype=np.float64),
                                 minlength=self.n_shells)
         per = max(1, int(self.chunk_floats // max(1, T * K * R)))
+        rc, ri = self._ramp.real[None], self._ramp.imag[None]                       # (1, T, F)
         for c0 in range(0, B, per):
             c1 = min(B, c0 + per)
             b = c1 - c0
             cx = ctfv[c0:c1]
-            Y = (cx * Xs[c0:c1])[:, None, :] * self._ramp[None]                    # (b, T, F)
-            Yw = Y * inv_s2
-            Ym = xp.concatenate([Yw.real, Yw.imag], axis=-1).reshape(b * T, 2 * F)
-            cross = (Ym @ Wr.T).reshape(b, T, K * R)
-            quad = 0.5 * ((cx * cx * inv_s2) @ W2.T)                               # (b, KR)
-            L = cross - quad[:, None, :] + lp_cols[None, None, :]
-            if bool(dead.any()):
-                L[:, :, dead] = -np.inf
+            # shifted CTF x particle, real and imaginary parts side by side: (b, T, 2F)
+            a = cx * Xs[c0:c1]
+            ar, ai = a.real[:, None, :], a.imag[:, None, :]
+            Ys = xp.empty((b, T, 2 * F), dtype=np.float32)
+            Ys[..., :F] = ar * rc
+            Ys[..., :F] -= ai * ri
+            Ys[..., F:] = ar * ri
+            Ys[..., F:] += ai * rc
+            Ym = Ys.reshape(b * T, 2 * F)
+            tick("shift")
+            L = (Ym @ Wr.T).reshape(b, T, K * R)                                    # cross term
+            # minus the quadratic term, plus the log prior (-inf switches a class off)
+            L -= (0.5 * ((cx * cx * inv_s2) @ W2.T) - lp_cols[None, :])[:, None, :]
             L = L.reshape(b, T * K * R)
-            Lmax = L.max(axis=1)
-            P = xp.exp(L - Lmax[:, None])
+            tick("matmul")
+            best = xp.argmax(L, axis=1)
+            Lmax = L[xp.arange(b), best]
+            L -= Lmax[:, None]
+            P = xp.exp(L, out=L)                                                    # in place
             Z = P.sum(axis=1)
-            P /= Z[:, None]
-            best = xp.argmax(P, axis=1)
             # data-term log-likelihood: -0.5 sum|X - cW|^2/sigma2 at its best + log sum
             x2 = 0.5 * ((Xs[c0:c1].real ** 2 + Xs[c0:c1].imag ** 2) * inv_s2).sum(1)
             loglik = be.to_numpy(Lmax + xp.log(Z) - x2 - lp_cols[best % (K * R)])
@@ -419,9 +445,11 @@ class Estep2D:
             res.psi_deg[c0:c1] = self.psi[bpsi]
             res.origin_x_px[c0:c1] = prior[c0:c1, 0] + self.offsets[bt, 0]
             res.origin_y_px[c0:c1] = prior[c0:c1, 1] + self.offsets[bt, 1]
-            res.max_prob[c0:c1] = be.to_numpy(P[xp.arange(b), best])
+            res.max_prob[c0:c1] = be.to_numpy(1.0 / Z)
             res.log_likelihood[c0:c1] = loglik
-            rows, cols, vals, nsig = _significant(P, SIGNIFICANT_MASS, MAX_SIGNIFICANT_2D)
+            tick("posterior")
+            rows, cols, vals, nsig = _significant(P, Z, SIGNIFICANT_MASS, MAX_SIGNIFICANT_2D)
+            tick("significant")
             res.n_significant[c0:c1] = nsig
             if not accumulate:
                 continue
@@ -435,10 +463,10 @@ class Estep2D:
             # each class sees its particles at all in-plane angles
             per_shell = (cx * cx * inv_s2) @ self._shell_avg                         # (b, S)
             # sigma2 is radial and the same for every particle, so it commutes with the sum
-            # and the back-rotation: accumulate un-whitened (CTF x particle, Friedel-weighted)
-            # and divide by sigma2 on the reference grid (keeps G and F on the same footing)
+            # and the back-rotation: accumulate un-whitened (CTF x particle) sums, apply the
+            # Friedel multiplicity to the (class, psi) sums and divide by sigma2 on the
+            # reference grid (keeps G and F on the same footing)
             mult = xp.asarray(self._mult)
-            Yflat = (Y * mult).reshape(b * T, F)
             for h in (1, 2):
                 m_h = hrow == h
                 if not m_h.any():
@@ -447,13 +475,14 @@ class Estep2D:
                 t_idx = cols_np[m_h] // (K * R)
                 kr = cols_np[m_h] % (K * R)
                 v = vals_np[m_h]
-                acc = _sparse_rows_sum(xp, r_p * T + t_idx, kr, v, Yflat, K * R)  # (KR, F)
+                acc2 = _sparse_rows_sum(xp, r_p * T + t_idx, kr, v, Ym, K * R)    # (KR, 2F)
+                acc = acc2[:, :F] + 1j * acc2[:, F:]
                 # gradient numerator: subtract the model, sum_i w_i c_i^2/sigma2 * W_kpsi
                 wkr = np.bincount(r_p * (K * R) + kr, weights=v,
                                   minlength=b * K * R).reshape(b, K * R)
                 wkrx = xp.asarray(wkr.astype(np.float32))
-                model = (wkrx.T @ (cx * cx * mult)) * W.reshape(K * R, F)
-                data_sum[h - 1] += (acc - model).reshape(K, R, F)
+                model = (wkrx.T @ (cx * cx)) * W.reshape(K * R, F)
+                data_sum[h - 1] += ((acc - model) * mult).reshape(K, R, F)
                 wkx = xp.asarray(wkr.reshape(b, K, R).sum(-1))
                 weight_shell[h - 1] += wkx.T @ per_shell.astype(np.float64)
                 class_w[h - 1] += wkx.sum(0)
@@ -465,54 +494,99 @@ class Estep2D:
             s2_sum += xp.bincount(shell_x.repeat(1), weights=d2.sum(0).astype(np.float64),
                                   minlength=self.n_shells)
             s2_cnt += cnt_shell * b
+            tick("accumulate")
         if not accumulate:
             return None, res
         # the adjoint leaks a little outside the sampled frequencies: keep B where F lives
         inv_grid = 1.0 / xp.maximum(xp.asarray(sigma2, dtype=np.float32), 1e-30)[self.shell_index]
         data = xp.stack([self.backproject(data_sum[h]) for h in (0, 1)]) * (self._grid_sel * inv_grid)
-        weight = weight_shell * float(R) / float(R)  # per-shell diagonal, averaged over psi
+        tick("backproject")
+        weight = weight_shell
         acc = Accumulators(data=data, weight=weight.astype(np.float32), class_weight=class_w,
                            sigma2_sum=s2_sum, sigma2_count=s2_cnt, n_particles=B,
                            loglik_sum=float(res.log_likelihood.sum()))
         return acc, res
 
 
-def _significant(P, mass: float, max_n: int):
-    """Significant hypotheses per row of P (rows sum to 1): (rows, cols, values, n per row)."""
+class _Ticker:
+    """Adds the time since the previous call to ``timings[name]``."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+        self.t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+def _significant(P, Z, mass: float, max_n: int):
+    """Significant hypotheses per row of the unnormalised posteriors P (row sums Z).
+
+    Keeps, per row, the largest values until they hold ``mass`` of the row's total (at most
+    ``max_n``). Returns (rows, cols, normalised kept values, number kept per row).
+    Candidates are first cut at 1e-9 of the row total, so the sort only sees the few
+    hypotheses that matter once the posteriors are peaked.
+    """
     xp = xp_of(P)
     b, H = P.shape
-    k = min(max_n, H)
-    thr = 1e-10
-    counts = be.to_numpy((P > thr).sum(axis=1))
-    kk = int(min(k, max(1, counts.max())))
-    if kk < H:
-        part = xp.argpartition(-P, kk - 1, axis=1)[:, :kk]
-    else:
-        part = xp.broadcast_to(xp.arange(H), (b, H))
-    vals = xp.take_along_axis(P, part, axis=1)
-    order = xp.argsort(-vals, axis=1)
-    vals = xp.take_along_axis(vals, order, axis=1)
-    cols = xp.take_along_axis(part, order, axis=1)
-    csum = xp.cumsum(vals, axis=1)
-    keep = (csum - vals) < mass
-    keep[:, 0] = True
-    nsig = be.to_numpy(keep.sum(axis=1))
-    kv = vals * keep
-    kv = kv / kv.sum(axis=1, keepdims=True)
-    rr, cc = xp.nonzero(keep)
-    return rr, cols[rr, cc], kv[rr, cc], nsig
+    Zn = be.to_numpy(Z).astype(np.float64)
+    rows_out, cols_out, vals_out = [], [], []
+    # rows whose best hypothesis alone holds the mass (max of P is 1 by construction)
+    single = 1.0 / Zn >= mass
+    if single.any():
+        r1 = np.nonzero(single)[0]
+        rows_out.append(r1)
+        cols_out.append(be.to_numpy(xp.argmax(P[xp.asarray(r1)], axis=1)))
+        vals_out.append(np.ones(len(r1)))
+    rest = np.nonzero(~single)[0]
+    Pr = P[xp.asarray(rest)] if len(rest) < b else P
+    cand = Pr > (xp.asarray(Zn[rest] * 1e-9, dtype=P.dtype))[:, None]
+    counts = be.to_numpy(cand.sum(axis=1))
+    few = counts <= max_n
+    if few.any():
+        rr, cc = xp.nonzero(cand[xp.asarray(few)])
+        sub = rest[np.nonzero(few)[0]]
+        rr = be.to_numpy(rr)
+        cc = be.to_numpy(cc)
+        rows = sub[rr]
+        vals = be.to_numpy(P[xp.asarray(rows), xp.asarray(cc)]).astype(np.float64) / Zn[rows]
+        order = np.lexsort((-vals, rows))
+        rows, cc, vals = rows[order], cc[order], vals[order]
+        csum = np.cumsum(vals)
+        start = np.searchsorted(rows, rows, side="left")
+        before = csum - vals - np.concatenate([[0.0], csum])[start]
+        keep = before < mass
+        rows_out.append(rows[keep])
+        cols_out.append(cc[keep])
+        vals_out.append(vals[keep])
+    for r in rest[np.nonzero(~few)[0]]:
+        part = xp.argpartition(-P[r], max_n - 1)[:max_n]
+        v = be.to_numpy(P[r][part]).astype(np.float64) / Zn[r]
+        o = np.argsort(-v)
+        v, c = v[o], be.to_numpy(part)[o]
+        keep = (np.cumsum(v) - v) < mass
+        rows_out.append(np.full(int(keep.sum()), r))
+        cols_out.append(c[keep])
+        vals_out.append(v[keep])
+    rows = np.concatenate(rows_out)
+    cols = np.concatenate(cols_out)
+    vals = np.concatenate(vals_out)
+    nsig = np.bincount(rows, minlength=b).astype(np.int64)
+    tot = np.bincount(rows, weights=vals, minlength=b)
+    vals = vals / tot[rows]
+    return rows, cols, vals, nsig
 
 
 def _sparse_rows_sum(xp, src_rows, dst_rows, weights, Y, n_dst):
-    """out[dst] += w * Y[src] for complex Y (S, F): a sparse (n_dst x S) @ Y product."""
+    """out[dst] += w * Y[src] for real Y (S, D): a sparse (n_dst x S) @ Y product."""
     if xp is np:
         import scipy.sparse as sp
 
         M = sp.csr_matrix((weights.astype(np.float32), (dst_rows, src_rows)),
                           shape=(n_dst, Y.shape[0]))
-        return (M @ Y.real + 1j * (M @ Y.imag)).astype(np.complex64)
-    out = xp.zeros((n_dst, Y.shape[1]), dtype=np.complex64)
+        return np.asarray(M @ Y, dtype=np.float32)
     M = xp.zeros((n_dst, Y.shape[0]), dtype=np.float32)
     M[xp.asarray(dst_rows), xp.asarray(src_rows)] = xp.asarray(weights, dtype=np.float32)
-    out += M @ Y
-    return out
+    return M @ Y

@@ -22,8 +22,9 @@ model; the half-sets give two first moments)::
     overshoots the references by ~2x; the target form converges without ringing)
     u   <- b2 u   + (1 - b2) |G^_1 - G^_2|^2 / |(G^_1 + G^_2)/2|^2     (b2 = 0.999, RELION 4)
     D_h  = (m_h - v) / sqrt(u + eps2)                         (eps2 = 1: never amplifies)
-    FSC_k per shell between the half references v + D_1 and v + D_2, turned into the
-          regularised weight f = 2T SNR / (1 + 2T SNR), SNR = FSC / (1 - FSC)
+    FSC_k per shell between the half references m_1 and m_2 (each an average of its half's
+          mini-batch reconstructions v + G^_h), turned into the regularised weight
+          f = 2T SNR / (1 + 2T SNR), SNR = FSC / (1 - FSC)
     v   <- v + eta_k [ f * (D_1 + D_2)/2 - (1 - f) v ],   eta_k = eta (1 - exp(-(3K+10) p_k))
 
 The sign is that of an ascent (G is the gradient of the log-likelihood).
@@ -223,7 +224,9 @@ class VdamOptimiser:
         denom = xp.sqrt(state.mom2 + self.eps2)
         D1 = (state.mom1[0] - v) / denom
         D2 = (state.mom1[1] - v) / denom
-        fsc_half = to_numpy(fsc_per_class(v + D1, v + D2, self.shell_index, self.n_shells))
+        # the half references are the half-set moments (EMAs of each half's reconstructions)
+        fsc_half = to_numpy(fsc_per_class(state.mom1[0], state.mom1[1], self.shell_index,
+                                          self.n_shells))
         fsc_half = np.where(first[:, None], 1.0, fsc_half)
         f = regularised_fsc(fsc_half, tau_fudge)
         state.fsc = f

@@ -1,0 +1,114 @@
+"""2D classification end to end on simulated particles with known molecules and angles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compute.errors import ComputeError
+from compute.vdam.classify2d import ArraySource, Classify2D, Classify2DParams
+from tests.compute.vdam.simdata import fixed_view_stack
+
+
+@pytest.fixture(scope="module")
+def data():
+    return fixed_view_stack(360, n_mol=3, box=32, snr=0.15, seed=4)
+
+
+def _params(**kw):
+    base = dict(n_classes=5, n_iter=24, particle_diameter_a=100, psi_step_deg=12,
+                offset_range_px=2, offset_step_px=1, seed=2)
+    base.update(kw)
+    return Classify2DParams(**base)
+
+
+def _purity(cls, mol, min_frac=0.05):
+    """Fraction of the majority molecule in each class holding >= min_frac of the data."""
+    out = []
+    for k in np.unique(cls):
+        lab = mol[cls == k]
+        if len(lab) >= min_frac * len(cls):
+            out.append(np.bincount(lab + 1).max() / len(lab))
+    return np.array(out)
+
+
+def _psi_consistency(cls, psi_true, psi_found, mol):
+    """Circular spread (deg) of (true - found) psi inside each class, averaged: small when a
+    class holds one view with its in-plane angles consistently assigned."""
+    spreads = []
+    for k in np.unique(cls):
+        sel = (cls == k) & (mol >= 0)
+        if sel.sum() < 10:
+            continue
+        d = np.deg2rad(psi_true[sel] - psi_found[sel])
+        # modulo the molecule's in-plane symmetry (c4ring is 4-fold, rod 2-fold)
+        best = np.inf
+        for order in (1, 2, 4):
+            r = np.abs(np.mean(np.exp(1j * order * d)))
+            best = min(best, np.rad2deg(np.sqrt(-2 * np.log(max(r, 1e-9)))) / order)
+        spreads.append(best)
+    return float(np.mean(spreads))
+
+
+def test_vdam_recovers_the_molecules_and_their_angles(data):
+    imgs, mol, psi, ctf = data
+    clf = Classify2D(ArraySource(imgs, 4.0, ctf), _params())
+    clf.initialise()
+    while not clf.done:
+        clf.step()
+    res = clf.final_pass()
+    assert (_purity(res.class_index, mol) >= 0.9).all()
+    # every molecule dominates at least one class
+    assert len({np.bincount(mol[res.class_index == k] + 1).argmax() - 1
+                for k in np.unique(res.class_index) if (res.class_index == k).sum() > 20}) == 3
+    assert _psi_consistency(res.class_index, psi, res.psi_deg, mol) < 15.0
+    assert clf.estep_seconds > 0 and (res.n_significant >= 1).all()
+
+
+def test_em_classifies_too(data):
+    imgs, mol, psi, ctf = data
+    clf = Classify2D(ArraySource(imgs, 4.0, ctf), _params(use_em=True, n_iter_em=6))
+    clf.initialise()
+    while not clf.done:
+        clf.step()
+    assert (_purity(clf.results.class_index, mol) >= 0.85).all()
+
+
+def test_checkpoint_restore_continues_identically(data):
+    imgs, _, _, ctf = data
+    src = ArraySource(imgs[:200], 4.0, ctf.subset(np.arange(200)))
+    p = _params(n_iter=8, n_classes=3)
+    a = Classify2D(src, p)
+    a.initialise()
+    for _ in range(4):
+        a.step()
+    saved = {k: np.copy(v) for k, v in a.checkpoint().items()}
+    for _ in range(4):
+        a.step()
+    b = Classify2D(src, p)
+    b.restore(saved)
+    for _ in range(4):
+        b.step()
+    assert np.allclose(a.state.refs, b.state.refs, atol=1e-4)
+    assert np.array_equal(a.results.class_index, b.results.class_index)
+
+
+def test_nan_images_are_skipped(data):
+    imgs, _, _, ctf = data
+    bad = imgs[:120].copy()
+    bad[7, 3, 3] = np.nan
+    clf = Classify2D(ArraySource(bad, 4.0, ctf.subset(np.arange(120))),
+                     _params(n_iter=3, n_classes=2))
+    clf.initialise()
+    while not clf.done:
+        clf.step()
+    clf.final_pass()
+    assert clf.bad[7] and clf.bad.sum() == 1
+    assert clf.results.class_index[7] == -1
+    assert (clf.results.class_index[np.arange(120) != 7] >= 0).all()
+
+
+def test_more_classes_than_particles_is_an_error(data):
+    imgs, _, _, ctf = data
+    with pytest.raises(ComputeError, match="only 10 particles"):
+        Classify2D(ArraySource(imgs[:10], 4.0, ctf.subset(np.arange(10))), _params(n_classes=20))

@@ -1,0 +1,126 @@
+"""The generic VDAM/EM updates and the schedules, on synthetic accumulators with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compute.fourier import radial_index
+from compute.vdam.init import blob_references
+from compute.vdam.optimiser import Accumulators, VdamOptimiser, new_state
+from compute.vdam.schedule import BatchSampler, Schedule, ScheduleParams
+
+
+def _problem(shape=(16, 9), K=2, seed=0):
+    rng = np.random.default_rng(seed)
+    shell = np.minimum(radial_index((16, 16), rfft=True), 8)
+    target = (rng.standard_normal((K, *shape)) + 1j * rng.standard_normal((K, *shape))) * 10
+    return rng, shell, target.astype(np.complex64)
+
+
+def _acc(v, target, F, rng, noise=0.0):
+    """Accumulators of a quadratic problem: G_h = F (target + noise_h - v)."""
+    K = v.shape[0]
+    data = np.stack([F * (target + noise * (rng.standard_normal(v.shape)
+                                            + 1j * rng.standard_normal(v.shape)) - v)
+                     for _ in range(2)])
+    weight = np.full((2, K, 9), F, dtype=np.float32)
+    return Accumulators(data=data.astype(np.complex64), weight=weight,
+                        class_weight=np.full((2, K), 50.0), sigma2_sum=np.ones(9),
+                        sigma2_count=np.ones(9), n_particles=100)
+
+
+def test_vdam_converges_to_the_target_without_ringing():
+    rng, shell, target = _problem()
+    opt = VdamOptimiser(shell, 9)
+    st = new_state(np.zeros_like(target), np.ones(9))
+    errs = []
+    for _ in range(40):
+        opt.vdam_step(st, _acc(st.refs, target, 2.0, rng), step=0.9, tau_fudge=1.0)
+        errs.append(np.linalg.norm(st.refs - target) / np.linalg.norm(target))
+    assert errs[-1] < 0.05
+    assert max(errs) < 1.05          # never overshoots past the start distance
+    assert st.iteration == 40 and (st.n_updates == 40).all()
+
+
+def test_vdam_noise_lowers_the_fsc_weight():
+    rng, shell, target = _problem()
+    opt = VdamOptimiser(shell, 9)
+    st = new_state(target.copy(), np.ones(9))
+    for _ in range(10):
+        opt.vdam_step(st, _acc(st.refs, target, 2.0, rng, noise=0.0), 0.9, 1.0)
+    clean = st.fsc.mean()
+    st2 = new_state(target.copy(), np.ones(9))
+    for _ in range(10):
+        opt.vdam_step(st2, _acc(st2.refs, target, 2.0, rng, noise=40.0), 0.9, 1.0)
+    assert clean > 0.95 and st2.fsc.mean() < clean - 0.1
+
+
+def test_em_step_is_the_regularised_average():
+    rng, shell, target = _problem(K=1)
+    opt = VdamOptimiser(shell, 9)
+    st = new_state(target.copy(), np.ones(9))
+    F = 5.0
+    opt.em_step(st, _acc(st.refs, target, F, rng), tau_fudge=1.0)
+    # v = v + (G - v/tau2)/(F + 1/tau2) with G = F (target - v), v = target -> shrink only
+    tau2 = np.array([np.mean(np.abs(target[0][shell == s]) ** 2) for s in range(9)])[shell]
+    expect = target[0] * 2 * F / (2 * F + 1.0 / tau2)   # both halves add up
+    assert np.allclose(st.refs[0], expect, rtol=1e-4, atol=1e-4)
+
+
+def test_inactive_class_is_replaced_by_the_most_changing_one():
+    rng, shell, target = _problem(K=3)
+    opt = VdamOptimiser(shell, 9)
+    st = new_state(np.zeros_like(target), np.ones(9))
+    acc = _acc(st.refs, target, 2.0, rng)
+    acc.class_weight = np.array([[50.0, 0.001, 50.0], [50.0, 0.001, 50.0]])
+    st.class_frac = np.array([0.5, 1e-6, 0.5])
+    target[2] *= 3  # class 2 moves most
+    acc = _acc(st.refs, target, 2.0, rng)
+    acc.class_weight = np.array([[50.0, 0.0, 50.0], [50.0, 0.0, 50.0]])
+    replaced = opt.vdam_step(st, acc, 0.9, 1.0, inactivity_threshold=0.1)
+    assert replaced == [(1, 2)]
+    assert np.allclose(st.refs[2], 0.0)                 # b keeps its old reference
+    assert np.abs(st.refs[1]).sum() > 0                  # a got b's update
+    assert st.class_frac[1] == pytest.approx(st.class_frac[2])
+
+
+def test_schedule_phases_and_batch_sizes():
+    s = Schedule(10_000)
+    assert (s.n_ini, s.n_mid, s.n_fin) == (60, 100, 40)
+    first, last = s.stage(0), s.stage(199)
+    assert (first.batch_size, first.step, first.tau_fudge) == (200, 0.9, 1.0)
+    assert (last.batch_size, last.step, last.tau_fudge) == (1000, 0.3, 2.0)
+    mid = [s.stage(i) for i in range(60, 160)]
+    steps = [m.step for m in mid]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))          # monotone decrease
+    q = mid[25]                                                     # sigmoid centre
+    assert 0.35 < (0.9 - q.step) / 0.6 < 0.65
+    assert Schedule(2_000_000).stage(0).batch_size == 10_000
+    assert Schedule(2_000_000).stage(199).batch_size == 100_000
+    im = Schedule(2_000_000, ScheduleParams.initial_model())
+    assert im.stage(0).batch_size == 5_000 and im.stage(199).batch_size == 50_000
+    assert im.stage(199).step == 0.5 and im.stage(199).tau_fudge == 4.0
+
+
+def test_sampler_is_reproducible_and_resumable():
+    a = BatchSampler(1000, seed=3)
+    seq = [a.next(300) for _ in range(5)]
+    b = BatchSampler(1000, seed=3)
+    b.next(300)
+    b.next(300)
+    c = BatchSampler(1000, seed=3, pass_index=b.pass_index, offset=b.offset)
+    assert all(np.array_equal(x, y) for x, y in zip(seq[2:], [c.next(300) for _ in range(3)]))
+    assert len(np.unique(np.concatenate(seq[:3]))) >= 899   # one pass covers every particle
+
+
+def test_blob_references_differ_and_fill_the_mask():
+    refs = blob_references(4, (48, 48), 4.0, 150.0, rng=1)
+    assert refs.shape == (4, 48, 48)
+    yy, xx = np.mgrid[:48, :48] - 24
+    outside = np.hypot(xx, yy) > 150 / 8 + 1
+    assert np.abs(refs[:, outside]).max() == 0
+    c = np.corrcoef(refs.reshape(4, -1))
+    assert (np.abs(c[np.triu_indices(4, 1)]) < 0.6).all()
+    vol = blob_references(2, (24, 24, 24), 4.0, 80.0, rng=2)
+    assert vol.shape == (2, 24, 24, 24) and np.isfinite(vol).all()
