@@ -308,6 +308,8 @@ class Schemer:
     def run(self, stop_event: threading.Event | None = None) -> RunResult:
         """Run until the scheme ends, fails or is aborted. Raises UserError if already running."""
         self.stop_event = stop_event
+        if not (self.dir / "scheme.star").is_file():
+            raise UserError(f"scheme {self.name}: {self.dir / 'scheme.star'} not found")
         lock = SchemeLock(self.project, self.name)
         lock.acquire()
         try:
@@ -551,6 +553,10 @@ def _queue_or_apply(project: Path, name: str, edit: dict) -> None:
     schemer that stopped before it could apply them, so the order is kept)."""
     sch = Scheme.load(project, name, validate=False)
     queue = scheme_dir(project, name) / EDITS_FILE
+    owner = lock_owner(project, name)
+    if owner is not None and "pid" not in owner:
+        raise UserError(f"scheme {name} is locked by another program (e.g. RELION): "
+                        f"{lock_dir(project, name)} exists; change it there or clear the lock")
     if is_running(project, name):
         _apply_edit(sch, edit)  # checks the edit now, so a bad one fails here, not later
         with open(queue, "a", encoding="utf-8") as fh:

@@ -69,10 +69,12 @@ class DoubleJob(Job):
             if behaviour == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if behaviour in ("hang", "hang_ignore_abort"):
-                while True:
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 120:  # never outlive a failed test for long
                     if behaviour == "hang":
                         ctx.check_abort()
                     time.sleep(0.05)
+                raise RuntimeError("hang double gave up after 120 s")
             method = getattr(self, "_" + label.split(".")[1])
             processed = method()
         finally:

@@ -117,3 +117,14 @@ def test_queued_edits_keep_their_order_after_a_stop(project):
     api.set_variable(project, "t", "wait_sec", "5")  # newer than the queued one: it wins
     assert api.status(project, "t")["variables"]["wait_sec"]["value"] == 5
     assert not (project / "Schemes/t/.scopeside_edits.jsonl").exists()
+
+
+def test_foreign_lock_refuses_edits_and_runs(proj, capsys):
+    lock = proj / ".relion_lock_scheme_prep"
+    lock.mkdir()
+    (lock / "lock_scheme").write_text("lock mechanism from Schemer\n")  # RELION's own text
+    assert cli(proj, "--set", "wait_sec=5") == 2
+    assert "locked by another program" in capsys.readouterr().err
+    assert cli(proj, "--run") == 2
+    assert "another program (e.g. RELION)" in capsys.readouterr().err
+    assert cli(proj, "--unlock") == 0 and not lock.exists()
