@@ -53,6 +53,16 @@ def interaction_constant(voltage_kv: float) -> float:
     return float(2 * np.pi / (lam * v) * (mc2 + v) / (2 * mc2 + v))
 
 
+def map_diameter_px(vol: np.ndarray, threshold: float = 0.05) -> float:
+    """Diameter (px) of a map's support: twice the largest distance from the box centre of
+    voxels above ``threshold`` x the maximum."""
+    zz, yy, xx = np.nonzero(vol > threshold * float(vol.max()))
+    if not zz.size:
+        return 1.0
+    c = vol.shape[0] // 2
+    return float(2.0 * np.sqrt((zz - c) ** 2 + (yy - c) ** 2 + (xx - c) ** 2).max() + 2.0)
+
+
 def smooth_field(shape: tuple[int, int], rng: np.random.Generator, n_waves: int = 12,
                  max_cycles: float = 3.0, xp=np):
     """A smooth random field (zero mean, unit-ish rms) with at most ``max_cycles`` periods
@@ -221,7 +231,9 @@ def simulate_micrograph(
     shape : int or (ny, nx)
         Size in pixels.
     pixel_size_a : float
-    molecules : sequence of built-in names or :class:`Molecule` (mixed at equal abundance).
+    molecules : sequence
+        Built-in names, :class:`Molecule` objects or ``(name, map)`` pairs of user maps at
+        ``pixel_size_a`` (cubic, centred at ``box // 2``), mixed at equal abundance.
     n_particles : int, optional
         Particles wanted (fewer if they do not fit); default fills ~25 % of the free area.
     min_distance_a : float, optional
@@ -263,9 +275,20 @@ def simulate_micrograph(
     rng = np.random.default_rng(seed)
     ps = float(pixel_size_a)
     ny, nx = shape
-    mols = [molecule(m) if isinstance(m, str) else m for m in molecules]
-    if not mols:
+    if not molecules:
         raise ComputeError("simulate_micrograph needs at least one molecule")
+    # (name, map at pixel_size_a, diameter in px) per molecule; user maps come as (name, map)
+    sources = []
+    for spec in molecules:
+        if isinstance(spec, tuple):
+            name, vol = spec
+            vol = np.asarray(vol, dtype=np.float32)
+            if vol.ndim != 3 or len(set(vol.shape)) != 1:
+                raise ComputeError(f"map {name!r} must be a cubic volume, got {vol.shape}")
+            sources.append((str(name), vol, map_diameter_px(vol)))
+        else:
+            mol = molecule(spec) if isinstance(spec, str) else spec
+            sources.append((mol.name, None, mol.diameter_a / ps, mol))
 
     # --- per-micrograph parameters ---
     d = float(draw(rng, defocus_um, 1)[0]) * 1e4
@@ -291,9 +314,10 @@ def simulate_micrograph(
     for _ in range(int(n_ice_blobs)):
         rb = rng.uniform(100, 400) / ps
         blobs.append((float(rng.uniform(0, nx)), float(rng.uniform(0, ny)), float(rb)))
-    diam_px = max(m.diameter_a for m in mols) / ps
+    diam_px = max(src[2] for src in sources)
     min_d = (min_distance_a / ps) if min_distance_a else 0.9 * diam_px
-    boxes = {m.name: default_box(m, ps, 1.2) for m in mols}
+    boxes = {src[0]: (default_box(src[3], ps, 1.2) if src[1] is None else src[1].shape[0])
+             for src in sources}
     margin = min(0.5 * diam_px, 0.25 * min(shape))
 
     def forbidden(c):
@@ -326,7 +350,7 @@ def simulate_micrograph(
             kinds.extend(["aggregate"] * k)
             groups.extend([i] * k)
     n_obj = len(xs)
-    mol_idx = rng.integers(len(mols), size=n_obj)
+    mol_idx = rng.integers(len(sources), size=n_obj)
     R = random_rotations(n_obj, rng)
     eul = matrix_to_euler(R)
     px = np.asarray(xs, dtype=np.float64)
@@ -335,12 +359,13 @@ def simulate_micrograph(
     # --- phase image: particles ---
     phi = xp.zeros(shape, dtype=np.float32)
     scale = sigma_e * protein_contrast_v * A3_PER_WEIGHT / ps**2
-    for m, mol in enumerate(mols):
+    for m, src in enumerate(sources):
         sel = np.nonzero(mol_idx == m)[0]
         if not sel.size:
             continue
-        b = boxes[mol.name]
-        P = Projector(xp.asarray(density_map(mol, b, ps)), pad=2)
+        b = boxes[src[0]]
+        vol = density_map(src[3], b, ps) if src[1] is None else src[1]
+        P = Projector(xp.asarray(vol), pad=2)
         ix = np.floor(px[sel]).astype(int)
         iy = np.floor(py[sel]).astype(int)
         # origin = -fraction puts the centre at box//2 + fraction
@@ -350,8 +375,8 @@ def simulate_micrograph(
             F = P.slices(xp.asarray(R[sel[ss]])) * phase_shift_grid(b, xp.asarray(org[ss]), xp)
             imgs = be.irfft2(F, s=(b, b)).astype(np.float32) * np.float32(scale)
             for j, img in enumerate(imgs):
-                x0 = ix[sel[ss]][j] - b // 2
-                y0 = iy[sel[ss]][j] - b // 2
+                x0 = ix[s0 + j] - b // 2
+                y0 = iy[s0 + j] - b // 2
                 xa, ya = max(x0, 0), max(y0, 0)
                 xb, yb = min(x0 + b, nx), min(y0 + b, ny)
                 if xb > xa and yb > ya:
@@ -408,7 +433,7 @@ def simulate_micrograph(
         particles={
             "x_px": px, "y_px": py, "kind": np.asarray(kinds, dtype=str),
             "group": np.asarray(groups, dtype=int),
-            "molecule": np.asarray([mols[m].name for m in mol_idx], dtype=str),
+            "molecule": np.asarray([sources[m][0] for m in mol_idx], dtype=str),
             "rot_deg": eul[:, 0], "tilt_deg": eul[:, 1], "psi_deg": eul[:, 2],
         },
         carbon=carbon_edge, ice_blobs=blobs, seed=seed, box_px=boxes,

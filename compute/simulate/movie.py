@@ -145,6 +145,46 @@ class LocalDeformation:
 
 
 @dataclass
+class Detector:
+    """A counting detector: per-pixel sensitivity ``s`` (the gain reference is ``1 / s``),
+    hot pixels (stuck high) and dead pixels (always 0), as ``(k, 2)`` rows of (y, x)."""
+
+    sensitivity: np.ndarray
+    hot_pixels: np.ndarray
+    dead_pixels: np.ndarray
+    gain_rms: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.sensitivity.shape)
+
+    @property
+    def gain_reference(self) -> np.ndarray:
+        return (1.0 / self.sensitivity).astype(np.float32)
+
+
+def make_detector(shape: tuple[int, int] | int, rng: np.random.Generator | int | None = 0,
+                  gain_rms: float = 0.05, n_hot: int = 20, n_dead: int = 20) -> Detector:
+    """A random detector: pixel-to-pixel plus column-to-column sensitivity variation of
+    relative rms ``gain_rms`` (clipped to 0.5-1.5) and ``n_hot`` / ``n_dead`` defects."""
+    shape = (int(shape), int(shape)) if np.ndim(shape) == 0 else tuple(int(v) for v in shape)
+    rng = np.random.default_rng(rng)
+    ny, nx = shape
+    if gain_rms > 0:
+        s = 1.0 + gain_rms * (0.8 * rng.standard_normal(shape)
+                              + 0.6 * rng.standard_normal(nx)[None, :])
+        s = np.clip(s, 0.5, 1.5).astype(np.float32)
+    else:
+        s = np.ones(shape, dtype=np.float32)
+    n_def = int(n_hot) + int(n_dead)
+    if n_def > ny * nx:
+        raise ComputeError(f"{n_def} defective pixels do not fit a {shape} detector")
+    flat = rng.choice(ny * nx, size=n_def, replace=False) if n_def else np.zeros(0, int)
+    yx = np.column_stack(np.unravel_index(flat, shape)) if n_def else np.zeros((0, 2), int)
+    return Detector(s, yx[:n_hot].astype(int), yx[n_hot:].astype(int), float(gain_rms))
+
+
+@dataclass
 class MovieTruth:
     """Ground truth of a movie: the micrograph truth plus motion, dose, gain and defects."""
 
@@ -231,6 +271,7 @@ def simulate_movie(
     n_hot: int = 20,
     n_dead: int = 20,
     drift: np.ndarray | None = None,
+    detector: Detector | None = None,
     seed: int | None = 0,
     device: str | None = "cpu",
     **micrograph_kw,
@@ -259,6 +300,9 @@ def simulate_movie(
         Relative rms of the detector's per-pixel sensitivity (0 = ideal detector).
     n_hot, n_dead : int
         Defective pixels (hot: stuck high; dead: always 0).
+    detector : Detector, optional
+        Use this detector (sensitivity and defects; e.g. one per session) instead of drawing
+        one from ``gain_rms``, ``n_hot``, ``n_dead``.
     seed, device
         As for :func:`simulate_micrograph`; other keywords go to it (molecules, defocus_um,
         carbon, ...); its ``dose_e_a2`` is the movie's total exposure.
@@ -302,16 +346,13 @@ def simulate_movie(
                                  rng.uniform(0, 2 * np.pi, k), scale)
 
     # detector: sensitivity (pixel + column pattern), defects
-    if gain_rms > 0:
-        s = 1.0 + gain_rms * (0.8 * rng.standard_normal(shape)
-                              + 0.6 * rng.standard_normal(nx)[None, :])
-        s = np.clip(s, 0.5, 1.5).astype(np.float32)
-    else:
-        s = np.ones(shape, dtype=np.float32)
-    n_def = int(n_hot) + int(n_dead)
-    flat = rng.choice(ny * nx, size=n_def, replace=False) if n_def else np.zeros(0, int)
-    yx = np.column_stack(np.unravel_index(flat, shape)) if n_def else np.zeros((0, 2), int)
-    hot, dead = yx[:n_hot], yx[n_hot:]
+    if detector is None:
+        detector = make_detector(shape, rng, gain_rms, n_hot, n_dead)
+    elif detector.shape != shape:
+        raise ComputeError(f"detector is {detector.shape} but the movie is {shape}")
+    s = detector.sensitivity
+    hot, dead = detector.hot_pixels, detector.dead_pixels
+    gain_rms = detector.gain_rms
     counts = np.float32(dose_per_frame_e_a2 * ps * ps)
     s_dev = xp.asarray(s)
     base = counts * A  # expected counts per frame without contrast
@@ -365,7 +406,7 @@ def simulate_movie(
             fr_counts[dead[:, 0], dead[:, 1]] = 0
         frames[fr] = fr_counts
 
-    gain = (1.0 / s).astype(np.float32)
+    gain = detector.gain_reference
     truth_image = counts * A * xp.clip(1.0 + be.irfft2(Fc, s=shape), 0.02, None)
     truth = MovieTruth(
         micrograph=mic.truth, n_frames=int(n_frames),

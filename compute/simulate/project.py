@@ -205,3 +205,25 @@ def project_atoms(mol, rotations, box: int, pixel_size_a: float, origins_px=None
         gy = np.exp(-0.5 * ((grid[None, :] - py[:, None]) / s) ** 2) * norm
         out[i] = (gy * mol.weights[:, None]).T @ gx
     return out
+
+
+def resample_map(volume, pixel_size_in_a: float, pixel_size_out_a: float, box_out: int):
+    """Resample a cubic map to another pixel size (Fourier crop/pad) and box (centred
+    real-space crop/pad about ``box // 2``); density values (the mean) are preserved."""
+    from compute.fourier import fourier_crop
+
+    xp = xp_of(volume)
+    v = xp.asarray(volume, dtype=np.float32)
+    if v.ndim != 3 or len(set(v.shape)) != 1:
+        raise ComputeError(f"resample_map needs a cubic volume, got shape {tuple(v.shape)}")
+    if pixel_size_in_a <= 0 or pixel_size_out_a <= 0 or box_out < 2:
+        raise ComputeError("resample_map needs positive pixel sizes and box >= 2")
+    n = v.shape[0]
+    m = max(2, int(round(n * pixel_size_in_a / pixel_size_out_a)))
+    if m != n:
+        v = fourier_crop(v, (m, m, m))
+    out = xp.zeros((box_out,) * 3, dtype=np.float32)
+    k = min(m, box_out)
+    so, sd = m // 2 - k // 2, box_out // 2 - k // 2
+    out[sd:sd + k, sd:sd + k, sd:sd + k] = v[so:so + k, so:so + k, so:so + k]
+    return out

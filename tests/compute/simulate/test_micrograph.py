@@ -8,6 +8,7 @@ from scipy import ndimage
 from compute.ctf import ctf_2d
 from compute.fourier import radial_average, radial_index
 from compute.simulate.micrograph import interaction_constant, simulate_micrograph
+from compute.simulate.molecules import density_map, molecule
 
 QUIET = dict(thon_contrast=0.0, gradient=0.0, ice_variation=0.0, noise=False,
              return_expected=True, return_components=True)
@@ -19,12 +20,14 @@ def test_interaction_constant_300kv():
 
 def test_particles_sit_at_their_true_coordinates():
     # phase plate at 90 deg, ~no defocus and no Cs: CTF ~ 1, so C = -2 phi (a projection)
-    m = simulate_micrograph(384, pixel_size_a=2.0, molecules=["small"], n_particles=12,
+    user_map = density_map(molecule("small"), 36, 2.0)  # a user map and a built-in, mixed
+    m = simulate_micrograph(384, pixel_size_a=2.0, molecules=["small", ("mine", user_map)],
+                            n_particles=12,
                             defocus_um=0.0, astigmatism_a=0.0, phase_shift_deg=90.0,
                             cs_mm=0.0, bfactor_a2=0.0, amplitude_contrast=0.0, seed=2, **QUIET)
     C = np.fft.irfft2(m.components.contrast_ft, s=(384, 384))
     p = m.truth.particles
-    assert len(p["x_px"]) >= 8
+    assert len(p["x_px"]) >= 8 and set(p["molecule"]) == {"small", "mine"}
     phi = np.clip(-C, 0, None)
     for x, y in zip(p["x_px"], p["y_px"]):
         x0, y0 = int(round(x)) - 14, int(round(y)) - 14

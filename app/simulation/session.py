@@ -1,0 +1,302 @@
+"""Whole simulated acquisition sessions on disk, in EPU or SerialEM layout.
+
+EPU (via :func:`metadata.synth.write_epu_session`)::
+
+    out/EpuSession.dm
+    out/Images-Disc1/GridSquare_<gs>/GridSquare_<gs>_<date>_<time>.xml
+    out/Images-Disc1/GridSquare_<gs>/FoilHoles/FoilHole_<fh>_<date>_<time>.xml
+    out/Images-Disc1/GridSquare_<gs>/Data/FoilHole_<fh>_Data_<d>_<n>_<date>_<time>.xml
+    <movie_root or out>/Images-Disc1/GridSquare_<gs>/Data/<same stem>_fractions.tiff | _Fractions.mrc
+    <movie_root or out>/gain_reference.mrc, defects.txt
+
+SerialEM (via :func:`metadata.synth.write_mdoc`)::
+
+    out/<prefix>_<nnnnn>.tif and out/<prefix>_<nnnnn>.tif.mdoc   (or .mrc / .mrc.mdoc)
+    out/CountRef_<prefix>.mrc, out/defects.txt
+
+Both: ``out/ground_truth/`` with ``movies_truth.star`` (true defocus, drift, ... per movie,
+movie paths relative to ``out``), ``coordinates_truth.star`` (every particle's frame-1
+position) and per movie ``<stem>.json`` + ``<stem>_shifts.star``.
+
+Drip-feeding (``interval_s > 0``): movies appear one by one, ``interval_s`` apart, as on a
+microscope; each movie file is written under a hidden ``.<name>.part`` name and renamed
+when complete, unless ``grow=True`` (then it grows in place over ``interval_s / 2``, like a
+camera writing frames; readers must wait for it to stop changing).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from app.errors import UserError
+from app.simulation.writers import (
+    movie_truth_row,
+    write_defects,
+    write_json,
+    write_movie,
+    write_movie_truth,
+)
+from metadata.images import write_mrc
+from metadata.star import write_star
+
+log = logging.getLogger(__name__)
+
+_EPU_SUFFIX = {"tiff": "_fractions.tiff", "mrc": "_Fractions.mrc"}
+
+
+@dataclass
+class SessionSpec:
+    """What every movie of a simulated session shares, and how movies vary.
+
+    Ranges are ``(low, high)``, drawn per movie. ``movie_kw`` goes to
+    :func:`compute.simulate.movie.simulate_movie` (molecules, thon_contrast, ...).
+    """
+
+    shape: tuple[int, int] = (1024, 1024)
+    n_frames: int = 20
+    pixel_size_a: float = 1.0
+    dose_per_frame_e_a2: float = 1.0
+    voltage_kv: float = 300.0
+    cs_mm: float = 2.7
+    amplitude_contrast: float = 0.1
+    defocus_um: tuple[float, float] = (0.8, 2.5)
+    astigmatism_a: tuple[float, float] = (0.0, 400.0)
+    drift_px: tuple[float, float] = (2.0, 15.0)
+    local_px: float = 1.5
+    carbon_fraction: float = 0.2
+    max_aggregates: int = 2
+    max_ice_blobs: int = 1
+    gain_rms: float = 0.05
+    n_hot: int = 10
+    n_dead: int = 10
+    movie_format: str = "tiff"
+    seed: int = 0
+    movie_kw: dict[str, Any] = field(default_factory=dict)
+
+    def movie_seed(self, i: int) -> int:
+        return int(np.random.default_rng([self.seed, i]).integers(2**31))
+
+
+def _detector(spec: SessionSpec):
+    from compute.simulate.movie import make_detector
+
+    return make_detector(spec.shape, np.random.default_rng([spec.seed, 999_983]), spec.gain_rms,
+                         spec.n_hot, spec.n_dead)
+
+
+def _make_movie(spec: SessionSpec, i: int, detector):
+    from compute.simulate.movie import simulate_movie
+
+    seed = spec.movie_seed(i)
+    rng = np.random.default_rng([seed, 1])
+    return simulate_movie(
+        spec.shape, spec.n_frames, pixel_size_a=spec.pixel_size_a,
+        dose_per_frame_e_a2=spec.dose_per_frame_e_a2,
+        drift_px=float(rng.uniform(*spec.drift_px)), local_px=spec.local_px,
+        detector=detector, seed=seed, voltage_kv=spec.voltage_kv, cs_mm=spec.cs_mm,
+        amplitude_contrast=spec.amplitude_contrast, defocus_um=spec.defocus_um,
+        astigmatism_a=spec.astigmatism_a,
+        carbon=bool(rng.random() < spec.carbon_fraction),
+        n_aggregates=int(rng.integers(0, spec.max_aggregates + 1)),
+        n_ice_blobs=int(rng.integers(0, spec.max_ice_blobs + 1)),
+        **spec.movie_kw,
+    )
+
+
+def _write_movie_file(path: Path, frames: np.ndarray, pixel_size_a: float, fmt: str,
+                      grow_s: float) -> None:
+    if grow_s <= 0:
+        write_movie(path, frames, pixel_size_a, fmt)
+        return
+    # write the complete file aside, then copy it into place in chunks (the file grows)
+    tmp = path.with_name(f".{path.name}.full")
+    write_movie(tmp, frames, pixel_size_a, fmt)
+    data = tmp.read_bytes()
+    tmp.unlink()
+    n = 4
+    step = -(-len(data) // n)
+    with open(path, "wb") as fh:
+        for k in range(n):
+            fh.write(data[k * step:(k + 1) * step])
+            fh.flush()
+            time.sleep(grow_s / n)
+
+
+class _Truth:
+    """Collects per-movie truth while a session is written."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.rows: list[dict] = []
+        self.coords: list[pd.DataFrame] = []
+
+    def add(self, name: str, stem: str, movie) -> None:
+        self.rows.append(movie_truth_row(name, movie.truth))
+        tab = movie.truth.micrograph.table()
+        n = len(tab["rlnCoordinateX"])
+        self.coords.append(pd.DataFrame({"rlnMicrographMovieName": [name] * n, **tab}))
+        write_movie_truth(self.out / "ground_truth", stem, name, movie)
+
+    def finish(self, spec: SessionSpec, extra: dict) -> None:
+        gt = self.out / "ground_truth"
+        optics = pd.DataFrame({
+            "rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1],
+            "rlnMicrographOriginalPixelSize": [spec.pixel_size_a],
+            "rlnVoltage": [spec.voltage_kv], "rlnSphericalAberration": [spec.cs_mm],
+            "rlnAmplitudeContrast": [spec.amplitude_contrast]})
+        write_star(gt / "movies_truth.star",
+                   {"optics": optics, "movies": pd.DataFrame(self.rows)})
+        if self.coords:
+            write_star(gt / "coordinates_truth.star",
+                       {"particles": pd.concat(self.coords, ignore_index=True)})
+        spec_js = {k: v for k, v in vars(spec).items()}
+        write_json(gt / "session.json", {"spec": spec_js, **extra})
+
+
+def write_epu_session_sim(
+    out: str | Path,
+    spec: SessionSpec | None = None,
+    *,
+    n_grid_squares: int = 1,
+    holes_per_square: int = 2,
+    shots_per_hole: int = 2,
+    movie_root: str | Path | None = None,
+    interval_s: float = 0.0,
+    grow: bool = False,
+    command: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list:
+    """Write an EPU session with simulated movies and ground truth.
+
+    Returns the :class:`metadata.synth.SyntheticMovie` list (XML and movie paths).
+    ``interval_s`` spaces movies in time (drip-feeding); see the module docstring.
+    """
+    from metadata.synth import write_epu_movie_xml, write_epu_session
+
+    spec = spec or SessionSpec()
+    if spec.movie_format not in _EPU_SUFFIX:
+        raise UserError(f"EPU sessions are written with tiff or mrc movies, not "
+                        f"{spec.movie_format!r}")
+    out = Path(out)
+    mroot = Path(movie_root) if movie_root is not None else out
+    detector = _detector(spec)
+    truth = _Truth(out)
+    total = n_grid_squares * holes_per_square * shots_per_hole
+    counter = {"i": 0}
+    xml_kw = dict(voltage_kv=spec.voltage_kv, pixel_size_a=spec.pixel_size_a,
+                  n_fractions=spec.n_frames,
+                  dose_e_a2=spec.dose_per_frame_e_a2 * spec.n_frames,
+                  readout_width=spec.shape[1], readout_height=spec.shape[0])
+    mroot.mkdir(parents=True, exist_ok=True)
+    write_mrc(mroot / "gain_reference.mrc", detector.gain_reference,
+              pixel_size_a=spec.pixel_size_a)
+    write_defects(mroot / "defects.txt", detector.hot_pixels, detector.dead_pixels)
+
+    def writer(mpath: Path, info) -> None:
+        i = counter["i"]
+        counter["i"] += 1
+        if interval_s > 0 and i > 0:
+            time.sleep(interval_s)
+        mv = _make_movie(spec, i, detector)
+        c = mv.truth.micrograph.ctf
+        # the XML carries this movie's nominal defocus (EPU writes the applied defocus)
+        nominal = -round(c.defocus_mean_a / 1e4 * 4) / 4  # nearest 0.25 um, negative = under
+        write_epu_movie_xml(info.xml_path, acquired_at=info.acquired_at, defocus_um=nominal,
+                            **xml_kw)
+        if interval_s > 0 and not grow:
+            part = mpath.with_name(f".{mpath.name}.part")
+            write_movie(part, np.asarray(mv.frames), spec.pixel_size_a, spec.movie_format)
+            part.replace(mpath)
+        else:
+            _write_movie_file(mpath, np.asarray(mv.frames), spec.pixel_size_a,
+                              spec.movie_format, interval_s / 2 if grow else 0.0)
+        name = _relative(mpath, out)
+        truth.add(name, mpath.name.removesuffix(_EPU_SUFFIX[spec.movie_format]), mv)
+        if progress:
+            progress(i + 1, total)
+
+    movies = write_epu_session(out, n_grid_squares=n_grid_squares,
+                               holes_per_square=holes_per_square, shots_per_hole=shots_per_hole,
+                               movie_format=spec.movie_format, movie_root=movie_root,
+                               movie_writer=writer, **xml_kw)
+    truth.finish(spec, {"layout": "epu", "command": command, "movie_root": str(mroot),
+                        "gain_reference": "gain_reference.mrc", "defects": "defects.txt",
+                        "n_movies": len(movies)})
+    return movies
+
+
+def _relative(p: Path, root: Path) -> str:
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def write_serialem_session_sim(
+    out: str | Path,
+    spec: SessionSpec | None = None,
+    *,
+    n_movies: int = 4,
+    prefix: str = "sim",
+    interval_s: float = 0.0,
+    grow: bool = False,
+    command: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[tuple[Path, Path]]:
+    """Write a SerialEM-style folder: ``<prefix>_NNNNN.tif`` + ``.tif.mdoc`` per movie, the
+    gain reference ``CountRef_<prefix>.mrc`` and ``defects.txt``; returns (movie, mdoc) paths."""
+    from metadata.synth import write_mdoc
+
+    spec = spec or SessionSpec()
+    if spec.movie_format not in ("tiff", "mrc"):
+        raise UserError(f"SerialEM sessions are written with tiff or mrc movies, not "
+                        f"{spec.movie_format!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    detector = _detector(spec)
+    gain_name = f"CountRef_{prefix}.mrc"
+    write_mrc(out / gain_name, detector.gain_reference, pixel_size_a=spec.pixel_size_a)
+    write_defects(out / "defects.txt", detector.hot_pixels, detector.dead_pixels)
+    truth = _Truth(out)
+    ext = "tif" if spec.movie_format == "tiff" else "mrc"
+    start = _dt.datetime(2024, 5, 17, 10, 30, 0)
+    written = []
+    for i in range(n_movies):
+        if interval_s > 0 and i > 0:
+            time.sleep(interval_s)
+        mv = _make_movie(spec, i, detector)
+        stem = f"{prefix}_{i + 1:05d}"
+        mpath = out / f"{stem}.{ext}"
+        if interval_s > 0 and not grow:
+            part = out / f".{mpath.name}.part"
+            write_movie(part, np.asarray(mv.frames), spec.pixel_size_a, spec.movie_format)
+            part.replace(mpath)
+        else:
+            _write_movie_file(mpath, np.asarray(mv.frames), spec.pixel_size_a,
+                              spec.movie_format, interval_s / 2 if grow else 0.0)
+        c = mv.truth.micrograph.ctf
+        mdoc = write_mdoc(
+            out / f"{mpath.name}.mdoc", variant="frame", pixel_size_a=spec.pixel_size_a,
+            voltage_kv=spec.voltage_kv,
+            exposure_dose_e_a2=spec.dose_per_frame_e_a2 * spec.n_frames,
+            n_frames=spec.n_frames, gain_reference=gain_name,
+            defocus_um=-round(c.defocus_mean_a / 1e4, 2),
+            target_defocus_um=-round(c.defocus_mean_a / 1e4 * 4) / 4,
+            sub_frame_path=rf"X:\{prefix}\{mpath.name}",
+            when=start + _dt.timedelta(seconds=30 * i))
+        truth.add(mpath.name, stem, mv)
+        written.append((mpath, mdoc))
+        if progress:
+            progress(i + 1, n_movies)
+    truth.finish(spec, {"layout": "serialem", "command": command, "gain_reference": gain_name,
+                        "defects": "defects.txt", "n_movies": n_movies})
+    return written
