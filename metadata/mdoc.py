@@ -37,7 +37,11 @@ log = logging.getLogger(__name__)
 
 _SECTION_RE = re.compile(r"^\[\s*(ZValue|MontSection|FrameSet)\s*=\s*([^\]]*)\]\s*$")
 _TITLE_RE = re.compile(r"^\[?\s*T\s*=\s*(.*?)\]?\s*$")
-_SOFTWARE_RE = re.compile(r"^\s*(SerialEM|Tomography)\s*:\s*(.*)$", re.IGNORECASE)
+# "SerialEM: <label>", "Tomography: <label>", "Tomography 5: …", "Tomography_5.23.0.10273: …"
+_SOFTWARE_RE = re.compile(r"^\s*(SerialEM|Tomography)(?:[ _]+(\d[\d.]*))?\s*:\s*(.*)$", re.IGNORECASE)
+# Thermo Fisher computer/instrument names "TITAN5233<ID>0" carry the EPU InstrumentID
+# (TITAN52332990 <-> 3299, TITAN52336320 <-> 3632, TITAN52337880 <-> 3788 in the samples)
+_TITAN_RE = re.compile(r"\bTITAN\d{3}(\d{4})\d\b")
 _DATE_RE = re.compile(r"(\d{1,2})-([A-Za-z]{3})-(\d{2}|\d{4})\s+(\d{1,2}):(\d{2}):(\d{2})")
 _DNUMBER_RE = re.compile(r"\bD(\d{3,5})\b")
 _MONTHS = {m: i + 1 for i, m in enumerate(
@@ -270,14 +274,15 @@ def parse_mdoc(path: str | Path, data: bytes | None = None) -> MdocFile:
     """
     p = Path(path)
     titles, glob, raw_sections, parser = read_raw(p, data)
-    software = scope_label = date_text = None
+    software = scope_label = date_text = header_version = None
     for t in titles:
         m = _TITLE_RE.match(t)
         body = m.group(1) if m else t
         sm = _SOFTWARE_RE.match(body)
         if sm:
             software = "Tomography" if sm.group(1).lower() == "tomography" else "SerialEM"
-            label = sm.group(2)
+            header_version = sm.group(2)
+            label = sm.group(3)
             dm = _DATE_RE.search(label)
             if dm:
                 date_text = dm.group(0)
@@ -291,11 +296,16 @@ def parse_mdoc(path: str | Path, data: bytes | None = None) -> MdocFile:
             version = vm.group(1)
         if software is None and "serialem" in glob["Version"].lower():
             software = "SerialEM"
+    if version is None and header_version:
+        version = header_version
     d_number = None
     if scope_label:
         dm = _DNUMBER_RE.search(scope_label)
+        tm = _TITAN_RE.search(scope_label)
         if dm:
             d_number = f"D{dm.group(1)}"
+        elif tm:
+            d_number = tm.group(1)
     microscope = scope_label
     if microscope:
         microscope = re.sub(r"^(Acquired|Digitized)\s+on\s+", "", microscope, flags=re.IGNORECASE)
@@ -325,7 +335,10 @@ def _section_record(p: Path, kind: str, vals: dict[str, str], glob: dict[str, st
 
     b.read("software", software, "T")
     b.read("software_version", version, "Version")
-    b.read("microscope_id", d_number, "T (D-number)")
+    if d_number and d_number.startswith("D"):
+        b.read("microscope_id", d_number, "T (D-number)")
+    else:
+        b.derive("microscope_id", d_number, "T: instrument name TITAN5233<ID>0")
     b.read("microscope", microscope, "T")
     # Voltage: section first, then the header
     v = _f(vals, "Voltage", p)

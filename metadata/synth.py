@@ -589,6 +589,8 @@ def mdoc_text(
     when = when or _DEFAULT_TIME.replace(tzinfo=None)
     nl = "\r\n" if crlf else "\n"
     software = "Tomography" if variant == "tomo5" else "SerialEM"
+    if variant == "tomo5":
+        four_digit_year = True  # Tomography 5 writes 13-Jan-2025
     header_t = f"{software}: {scope_label}                {_sem_date(when, four_digit_year)}    "
     lines: list[str] = []
     glob: list[str] = []
@@ -603,6 +605,8 @@ def mdoc_text(
             glob.append("Montage = 1")
         glob.append("DataMode = 1")
         lines += glob + ["", f"[T = {header_t}]", ""]
+        if variant == "tomo5":
+            lines += ["[T =   TiltAxisAngle = -176.20  Binning = 1  SpotSize = 6]", ""]
         if variant == "tilt_series":
             lines += ["[T =     Tilt axis angle = 85.3, binning = 1  spot = 8  camera = 1]", ""]
         section = "ZValue"

@@ -132,3 +132,41 @@ def test_parse_date_variants():
     assert mdoc.parse_date("11-Aug-19  14:13:22") == dt.datetime(2019, 8, 11, 14, 13, 22)
     assert mdoc.parse_date("01-Aug-2022  18:58:35") == dt.datetime(2022, 8, 1, 18, 58, 35)
     assert mdoc.parse_date("nonsense") is None
+
+
+TOMO5 = """DataMode = 6\r
+ImageSize = 4096 4096\r
+ImageFile = Position_3.mrc\r
+PixelSpacing = 2.13\r
+Voltage = 300.00\r
+\r
+[T = Tomography_5.23.0.10273: TITAN52339070    13-Jan-2025  17:15:32]\r
+\r
+[T =   TiltAxisAngle = -176.20  Binning = 1  SpotSize = 6]\r
+\r
+[ZValue = 0]\r
+TiltAngle = -0.14\r
+ExposureDose = 3.1\r
+RotationAngle = 86.20\r
+SubFramePath = \\\\store\\tomo\\Position_3_001_-0.14_20250113_171527_EER.eer\r
+NumSubFrames = 620\r
+\r
+[ZValue = 1]\r
+TiltAngle = 2.86\r
+ExposureDose = 3.1\r
+SubFramePath = \\\\store\\tomo\\Position_3_002_2.86_20250113_171617_EER.eer\r
+NumSubFrames = 620\r
+"""
+
+
+def test_tomography5_header_version_and_instrument(tmp_path):
+    p = tmp_path / "Position_3.mdoc"
+    p.write_bytes(TOMO5.encode())
+    m = mdoc.parse_mdoc(p)
+    assert (m.software, m.software_version, m.microscope_id) == ("Tomography", "5.23.0.10273", "3907")
+    r = m.sections[1]
+    assert "microscope_id" in r.derived
+    assert r.eer is True and r.n_frames == 620 and r.voltage_kv == 300
+    assert r.pixel_size_a == pytest.approx(2.13)  # from the header: sections have no PixelSpacing
+    assert r.total_dose_e_a2 == pytest.approx(3.1) and r.tilt_angle_deg == pytest.approx(2.86)
+    assert r.movie_path.endswith("Position_3_002_2.86_20250113_171617_EER.eer")
