@@ -268,7 +268,7 @@ class Scheme:
         target = Path(path or self.path or "")
         if not str(target):
             raise UserError(f"scheme {self.name}: no path to save to")
-        starfmt.atomic_write(target, self.to_text())
+        starfmt.atomic_write(target, self.to_text(), exchange=True)
 
     # -- queries ----------------------------------------------------------------------------
     def is_job(self, node: str) -> bool:

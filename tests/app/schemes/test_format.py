@@ -228,3 +228,21 @@ def test_validation_operator_cycle_without_wait(tmp_path):
     with pytest.raises(UserError, match=r"scheme test, table scheme_edges: the operators "
                                         r"CHECK_it -> WAIT -> CHECK_it form a loop"):
         Scheme.load(proj, "test")
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_atomic_write_by_exchange_or_rename(tmp_path, monkeypatch, supported):
+    if not supported:
+        monkeypatch.setattr(starfmt, "_EXCHANGE", [None])
+    target = tmp_path / "scheme.star"
+    starfmt.atomic_write(target, "one\n", exchange=True)  # first write: plain rename
+    assert target.read_text() == "one\n"
+    inode = target.stat().st_ino
+    starfmt.atomic_write(target, "two\n", exchange=True)
+    assert target.read_text() == "two\n" and target.stat().st_ino != inode
+    prev = tmp_path / ".scheme.star.prev"
+    assert prev.exists() == supported
+    if supported:
+        assert prev.read_text() == "one\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == \
+        ["scheme.star"]
