@@ -165,6 +165,7 @@ def _tiff_header(p: Path, fmt: str) -> MovieHeader:
             dtype = str(first.dtype) if first.dtype is not None else "unknown"
             compression = getattr(first.compression, "name", str(first.compression))
             px = _tiff_pixel_size(first)
+            ext = _eer_metadata(first, p) if fmt == "eer" else {}
     except MetadataError:
         raise
     except (tifffile.TiffFileError, ValueError, OSError, EOFError, IndexError, KeyError) as exc:
@@ -174,7 +175,54 @@ def _tiff_header(p: Path, fmt: str) -> MovieHeader:
     height, width = int(shape[-2]), int(shape[-1])
     if fmt == "tiff" and len(shape) == 3 and n == 1:  # one page holding a 3-D stack
         n, height, width = int(shape[0]), int(shape[1]), int(shape[2])
-    return MovieHeader(p, fmt, n, width, height, dtype, px, compression, {})
+    if px is None and ext.get("pixel_size_a"):
+        px = ext["pixel_size_a"]
+    return MovieHeader(p, fmt, n, width, height, dtype, px, compression, ext)
+
+
+def _eer_metadata(page, p: Path) -> dict[str, Any]:
+    """Acquisition items of an EER file (TIFF tag 65001: ``<metadata><item name= unit=>``).
+
+    Parsed with the same no-entities/no-network parser as EPU XML. Values kept: exposure
+    time, frame count, sensor pixel size (m → Å) and total dose (e/pixel → e/Å²).
+    """
+    from metadata.epu import parse_xml_bytes
+
+    tag = page.tags.get(65001)
+    if tag is None or not isinstance(tag.value, bytes | str):
+        return {}
+    raw = tag.value.encode() if isinstance(tag.value, str) else tag.value
+    try:
+        root = parse_xml_bytes(raw.rstrip(b"\x00"), p)
+    except MetadataError:
+        return {}  # a damaged metadata tag does not make the movie unreadable
+    items: dict[str, tuple[str, str | None]] = {}
+    for it in root.iter("item"):
+        name = it.get("name")
+        if name and it.text:
+            items[name] = (it.text.strip(), it.get("unit"))
+
+    def num(name):
+        try:
+            v = float(items[name][0])
+        except (KeyError, ValueError):
+            return None
+        return v if math.isfinite(v) else None
+
+    out: dict[str, Any] = {}
+    t = num("exposureTime")
+    if t and t > 0:
+        out["exposure_time_s"] = t
+    nf = num("numberOfFrames")
+    if nf and nf > 0:
+        out["n_frames"] = int(nf)
+    px_m = num("sensorPixelSize.width")
+    if px_m and px_m > 0 and items["sensorPixelSize.width"][1] in (None, "m"):
+        out["pixel_size_a"] = px_m * 1e10
+    dose = num("totalDose")
+    if dose and dose > 0 and out.get("pixel_size_a"):
+        out["dose_e_a2"] = dose / out["pixel_size_a"] ** 2
+    return out
 
 
 def _tiff_pixel_size(page) -> float | None:
@@ -252,9 +300,15 @@ def record_from_movie(path: str | Path) -> MovieRecord:
     b.read("eer", h.format == "eer", "(format)")
     b.read("pixel_size_a", h.pixel_size_a, "header (voxel size)")
     ext = h.extended
-    for fld in ("voltage_kv", "magnification", "exposure_time_s", "camera_name", "microscope_id"):
-        b.read(fld, ext.get(fld), f"FEI extended header/{fld}")
-    b.read("total_dose_e_a2", ext.get("dose_e_a2"), "FEI extended header/Dose")
+    if h.format == "mrc":
+        for fld in ("voltage_kv", "magnification", "exposure_time_s", "camera_name", "microscope_id"):
+            b.read(fld, ext.get(fld), f"FEI extended header/{fld}")
+    if h.format == "eer":
+        b.read("exposure_time_s", ext.get("exposure_time_s"), "EER metadata/exposureTime")
+        b.read("pixel_size_a", ext.get("pixel_size_a"), "EER metadata/sensorPixelSize.width")
+        b.derive("total_dose_e_a2", ext.get("dose_e_a2"), "EER totalDose/sensorPixelSize^2")
+    else:
+        b.read("total_dose_e_a2", ext.get("dose_e_a2"), "FEI extended header/Dose")
     b.extra("readout_width", h.width)
     b.extra("readout_height", h.height)
     from metadata.record import fill_dose_per_frame

@@ -26,6 +26,8 @@ def add_args(parser):
     parser.add_argument("--json", action="store_true", help="print JSON (keys as documented above)")
     parser.add_argument("--movies", type=Path, action="append", default=[],
                         help="extra movie storage root (same Images-Disc*/GridSquare_*/Data layout)")
+    parser.add_argument("--write-summary", type=Path, default=None, metavar="PROJECT",
+                        help="also write session_summary.txt/.json into this project folder")
 
 
 def _print_record(rec) -> None:
@@ -43,6 +45,7 @@ def _print_record(rec) -> None:
 
 
 def main(args) -> int:
+    from app.errors import UserError
     from app.settings import load_settings
     from metadata.config import load_instruments
     from metadata.session import read_any, session_summary
@@ -53,6 +56,17 @@ def main(args) -> int:
     if settings.paths.movies_root is not None:
         roots.append(settings.paths.movies_root)
     result = read_any(args.path, cfg=cfg, path_map=settings.paths.path_map, movie_roots=roots)
+    if args.write_summary is not None:
+        from metadata.record import SessionRecord
+        from metadata.session import write_session_summary
+
+        sess = result.session or SessionRecord(software=result.record.software if result.record else None,
+                                               path=str(args.path), n_movies=result.n_movies)
+        try:
+            write_session_summary(args.write_summary, sess, result.record)
+        except OSError as exc:
+            raise UserError(f"{args.write_summary}: cannot write the session summary "
+                            f"({exc.strerror or exc})") from None
 
     if args.json:
         if result.session is None:

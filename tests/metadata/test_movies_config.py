@@ -125,3 +125,21 @@ def test_gain_reference_rule(tmp_path):
     g.write_bytes(b"x")
     assert config.find_gain_reference(det, tmp_path / "movies", tmp_path) == g
     assert config.find_gain_reference(cfg.resolved_detector("falcon3"), tmp_path, tmp_path) is None
+
+
+def test_eer_metadata_tag(tmp_path):
+    import numpy as np
+    import tifffile
+
+    xml = (b'<metadata><item name="exposureTime" unit="s">2.5</item>'
+           b'<item name="numberOfFrames">3</item>'
+           b'<item name="sensorPixelSize.width" unit="m">8.3e-11</item>'
+           b'<item name="totalDose" unit="e/pixel">27.556</item></metadata>')
+    p = tmp_path / "m_EER.eer"
+    tifffile.imwrite(p, np.zeros((3, 16, 16), np.uint8), photometric="minisblack",
+                     extratags=[(65001, 7, len(xml), xml, True)])
+    h = movies.read_movie_header(p)
+    assert h.n_frames == 3 and h.pixel_size_a == pytest.approx(0.83)
+    rec = movies.record_from_movie(p)
+    assert rec.eer is True and rec.exposure_time_s == 2.5
+    assert rec.total_dose_e_a2 == pytest.approx(27.556 / 0.83**2) and "total_dose_e_a2" in rec.derived

@@ -133,6 +133,14 @@ def test_cli_folder_prints_summary_first_movie_and_count(epu_session, capsys):
     assert data["n_movies"] == 8 and list(data["first_movie"]) == list(JSON_KEYS)
 
 
+def test_cli_write_summary(epu_session, capsys):
+    tmp, _ = epu_session
+    assert run(["metadata", str(tmp / "sess"), "--write-summary", str(tmp / "proj")]) == 0
+    data = json.loads((tmp / "proj" / "session_summary.json").read_text())
+    assert data["n_movies"] == 8 and data["cs_mm"] == 2.7
+    assert "n_movies = 8" in (tmp / "proj" / "session_summary.txt").read_text()
+
+
 def test_cli_mdoc_and_movie(tmp_path, capsys):
     p = synth.write_mdoc(tmp_path / "m.tif.mdoc", variant="frame")
     assert run(["metadata", str(p), "--json"]) == 0
