@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pandas as pd
 import pytest
 
@@ -185,3 +187,18 @@ def test_paths_in_string_inputs_are_rewritten(ctx):
     (ctx.project / "Import/job001/file.star").touch()
     assert run(ctx, "bool=file_exists", "r", "path") is True
     assert ctx.scheme.strings["path"].value == "Sub/dir/file.star"  # the variable is unchanged
+
+
+def test_email_goes_through_the_local_sendmail(ctx, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sent = tmp_path / "sent.txt"
+    fake = bin_dir / "sendmail"
+    fake.write_text(f"#!/bin/sh\ncat > {sent}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    ctx.scheme.strings["email"] = Var("op@example.org", "op@example.org")
+    run(ctx, "email", in1="a", in2="t")
+    text = sent.read_text()
+    assert "To: op@example.org" in text and "Subject: Scheme: t" in text
+    assert "input1: a = 7" in text and "input2: t = True" in text
