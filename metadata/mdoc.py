@@ -65,6 +65,7 @@ class MdocFile:
     section_kind: str
     parser: str  # "mdocfile" or "own (<reason>)"
     cameras: dict[int, str] = field(default_factory=dict)
+    n_montage_sections: int = 0
 
     @property
     def is_frame_mdoc(self) -> bool:
@@ -315,13 +316,16 @@ def parse_mdoc(path: str | Path, data: bytes | None = None) -> MdocFile:
         for idx, name in re.findall(r"(\d+)\s*:\s*(\S+)", scope_label.split("->", 1)[1]):
             cameras[int(idx)] = name
 
+    # [MontSection = n] sections of a montage describe the assembled overview, not images
+    image_sections = [(k, v) for k, v in raw_sections if k != "MontSection"] or raw_sections
     records = []
-    for kind, vals in raw_sections:
+    for kind, vals in image_sections:
         records.append(_section_record(p, kind, vals, glob, software, version, d_number,
                                        microscope, cameras, date_text))
     return MdocFile(path=p, software=software, software_version=version, scope_label=scope_label,
                     microscope_id=d_number, titles=titles, global_data=glob, sections=records,
-                    section_kind=raw_sections[0][0], parser=parser, cameras=cameras)
+                    section_kind=image_sections[0][0], parser=parser, cameras=cameras,
+                    n_montage_sections=len(raw_sections) - len(image_sections))
 
 
 def _section_record(p: Path, kind: str, vals: dict[str, str], glob: dict[str, str], software,

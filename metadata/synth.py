@@ -671,6 +671,11 @@ def mdoc_text(
         for key, value in (extra or {}).items():
             sec.append(f"{key} = {value}")
         lines += sec + [""]
+    if variant == "montage":
+        lines += ["[MontSection = 0]", "TiltAngle = 0", "StagePosition = 10.5 -20.25",
+                  f"Magnification = {magnification}" if magnification is not None else "Intensity = 0.11",
+                  "BufISXY = 0 0", "ProbeMode = 1", "MoveStage = 1", "ConSetUsed = 0 1",
+                  "MontBacklash = 0 0", "ValidBacklash = 0 0", "DriftSettling = 0", ""]
     return nl.join(lines) + nl
 
 

@@ -81,6 +81,7 @@ def test_synthetic_variants(tmp_path, variant, crlf):
     assert r.dose_per_frame_e_a2 == pytest.approx(0.3)
     assert r.acquired_at is not None and r.acquired_at.year == 2024
     assert r.eer is (variant == "tomo5")
+    assert m.n_montage_sections == (1 if variant == "montage" else 0)
 
 
 def test_dose_from_dose_rate_with_super_resolution(tmp_path):
