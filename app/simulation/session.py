@@ -45,6 +45,7 @@ from app.simulation.writers import (
     write_movie,
     write_movie_truth,
 )
+from compute.backend import to_numpy
 from metadata.images import write_mrc
 from metadata.star import write_star
 
@@ -214,10 +215,10 @@ def write_epu_session_sim(
                             **xml_kw)
         if interval_s > 0 and not grow:
             part = mpath.with_name(f".{mpath.name}.part")
-            write_movie(part, np.asarray(mv.frames), spec.pixel_size_a, spec.movie_format)
+            write_movie(part, to_numpy(mv.frames), spec.pixel_size_a, spec.movie_format)
             part.replace(mpath)
         else:
-            _write_movie_file(mpath, np.asarray(mv.frames), spec.pixel_size_a,
+            _write_movie_file(mpath, to_numpy(mv.frames), spec.pixel_size_a,
                               spec.movie_format, interval_s / 2 if grow else 0.0)
         name = _relative(mpath, out)
         truth.add(name, mpath.name.removesuffix(_EPU_SUFFIX[spec.movie_format]), mv)
@@ -278,10 +279,10 @@ def write_serialem_session_sim(
         mpath = out / f"{stem}.{ext}"
         if interval_s > 0 and not grow:
             part = out / f".{mpath.name}.part"
-            write_movie(part, np.asarray(mv.frames), spec.pixel_size_a, spec.movie_format)
+            write_movie(part, to_numpy(mv.frames), spec.pixel_size_a, spec.movie_format)
             part.replace(mpath)
         else:
-            _write_movie_file(mpath, np.asarray(mv.frames), spec.pixel_size_a,
+            _write_movie_file(mpath, to_numpy(mv.frames), spec.pixel_size_a,
                               spec.movie_format, interval_s / 2 if grow else 0.0)
         c = mv.truth.micrograph.ctf
         mdoc = write_mdoc(

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from app.errors import UserError
+from compute.backend import to_numpy
 from metadata.images import write_mrc
 from metadata.star import write_star
 
@@ -80,7 +81,7 @@ def write_movie(path: str | Path, frames: np.ndarray, pixel_size_a: float | None
     fmt = (fmt or p.suffix.lstrip(".")).lower()
     fmt = {"tif": "tiff"}.get(fmt, fmt)
     p.parent.mkdir(parents=True, exist_ok=True)
-    data = np.asarray(frames)
+    data = to_numpy(frames)
     if data.ndim != 3:
         raise UserError(f"{p}: a movie needs (frames, y, x) data, got shape {data.shape}")
     if fmt == "tiff":
@@ -152,7 +153,7 @@ def write_particle_set(out: str | Path, stack, *, float16: bool = False,
     t = stack.truth
     n = len(t)
     paths: dict[str, Path] = {}
-    paths["stack"] = write_mrc(out / "particles.mrcs", np.asarray(stack.images),
+    paths["stack"] = write_mrc(out / "particles.mrcs", to_numpy(stack.images),
                                pixel_size_a=t.pixel_size_a, float16=float16, is_stack=True)
     tab = t.table()
     names = [f"{i + 1:06d}@particles.mrcs" for i in range(n)]
@@ -206,7 +207,7 @@ def write_micrograph_set(out: str | Path, micrographs: Sequence, *, float16: boo
     rows, truth_rows, coords = [], [], []
     for i, mic in enumerate(micrographs):
         name = f"Micrographs/mic_{i + 1:05d}.mrc"
-        write_mrc(out / name, np.asarray(mic.image), pixel_size_a=mic.truth.pixel_size_a,
+        write_mrc(out / name, to_numpy(mic.image), pixel_size_a=mic.truth.pixel_size_a,
                   float16=float16)
         t = mic.truth
         rows.append({"rlnMicrographName": name, "rlnOpticsGroup": 1})
@@ -291,13 +292,13 @@ def write_movie_set(out: str | Path, n: int, make_movie: Callable[[int], Any], *
         first = first or mv
         name = f"Movies/movie_{i + 1:05d}{MOVIE_SUFFIX[fmt]}"
         t = mv.truth
-        write_movie(out / name, np.asarray(mv.frames), t.micrograph.pixel_size_a, fmt)
+        write_movie(out / name, to_numpy(mv.frames), t.micrograph.pixel_size_a, fmt)
         rows.append({"rlnMicrographMovieName": name, "rlnOpticsGroup": 1})
         truth_rows.append(movie_truth_row(name, t))
         write_movie_truth(out / "ground_truth", f"movie_{i + 1:05d}", name, mv)
         if mv.truth_image is not None:
             write_mrc(out / "ground_truth" / f"movie_{i + 1:05d}_truth.mrc",
-                      np.asarray(mv.truth_image), pixel_size_a=t.micrograph.pixel_size_a,
+                      to_numpy(mv.truth_image), pixel_size_a=t.micrograph.pixel_size_a,
                       float16=float16_truth)
         if progress:
             progress(i + 1, n)
@@ -310,7 +311,7 @@ def write_movie_set(out: str | Path, n: int, make_movie: Callable[[int], Any], *
                            {"optics": optics, "movies": pd.DataFrame(rows)}),
         "truth_star": write_star(out / "ground_truth" / "movies_truth.star",
                                  {"optics": optics, "movies": pd.DataFrame(truth_rows)}),
-        "gain": write_mrc(out / "gain_reference.mrc", np.asarray(first.gain),
+        "gain": write_mrc(out / "gain_reference.mrc", to_numpy(first.gain),
                           pixel_size_a=t.micrograph.pixel_size_a),
         "defects": write_defects(out / "defects.txt", t.hot_pixels, t.dead_pixels),
     }

@@ -401,9 +401,9 @@ def simulate_movie(
         C *= bs
         fr_counts = poisson_counts(C, noise_rng, dtype=dtype)
         if len(hot):
-            fr_counts[hot[:, 0], hot[:, 1]] = hot_level
+            fr_counts[xp.asarray(hot[:, 0]), xp.asarray(hot[:, 1])] = hot_level
         if len(dead):
-            fr_counts[dead[:, 0], dead[:, 1]] = 0
+            fr_counts[xp.asarray(dead[:, 0]), xp.asarray(dead[:, 1])] = 0
         frames[fr] = fr_counts
 
     gain = detector.gain_reference

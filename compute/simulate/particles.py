@@ -508,22 +508,26 @@ def simulate_particles(
         stop = min(n, start + _CHUNK)
         F = xp.zeros((stop - start, box, box // 2 + 1), dtype=np.complex64)
         chunk_comps = [c for i in range(start, stop) for c in by_image[i]]
+        # rank of each component within its image: one rank at a time, image indices are
+        # unique, so a plain fancy-index add works on NumPy and CuPy alike
+        seen: dict[int, int] = {}
+        ranks = []
+        for c in chunk_comps:
+            ranks.append(seen.get(c.image, 0))
+            seen[c.image] = ranks[-1] + 1
         for s in range(len(sources)):
-            cs = [c for c in chunk_comps if c.source == s]
-            if not cs:
-                continue
-            rr = np.stack([c.rot for c in cs])
-            oo = np.stack([c.origin_px for c in cs])
-            idx = xp.asarray(np.array([c.image - start for c in cs]))
-            P = projector(s)
-            for b in range(0, len(cs), 1024):
-                Fc = P.slices(xp.asarray(rr[b:b + 1024]))
-                Fc *= phase_shift_grid(box, xp.asarray(oo[b:b + 1024]), xp)
-                ii = idx[b:b + 1024]
-                if len(np.unique(be.to_numpy(ii))) == len(ii):
-                    F[ii] += Fc
-                else:  # several components in one image (aggregates, neighbours)
-                    xp.add.at(F, ii, Fc)
+            for rank in range(max(ranks, default=-1) + 1):
+                cs = [c for c, r in zip(chunk_comps, ranks) if c.source == s and r == rank]
+                if not cs:
+                    continue
+                rr = np.stack([c.rot for c in cs])
+                oo = np.stack([c.origin_px for c in cs])
+                idx = np.array([c.image - start for c in cs])
+                P = projector(s)
+                for b in range(0, len(cs), 1024):
+                    Fc = P.slices(xp.asarray(rr[b:b + 1024]))
+                    Fc *= phase_shift_grid(box, xp.asarray(oo[b:b + 1024]), xp)
+                    F[xp.asarray(idx[b:b + 1024])] += Fc
         for i, img in real_junk.items():
             if start <= i < stop:
                 F[i - start] += be.rfft2(xp.asarray(img)).astype(np.complex64)

@@ -130,11 +130,11 @@ def test_counting_gain_and_defects():
 
 
 def test_movies_are_reproducible():
-    a = simulate_movie(96, 3, seed=9, n_particles=2)
-    b = simulate_movie(96, 3, seed=9, n_particles=2)
+    a = simulate_movie(96, 3, seed=9, n_particles=2, molecules=["small"])
+    b = simulate_movie(96, 3, seed=9, n_particles=2, molecules=["small"])
     np.testing.assert_array_equal(a.frames, b.frames)
     np.testing.assert_array_equal(a.truth.global_shifts_px, b.truth.global_shifts_px)
-    c = simulate_movie(96, 3, seed=10, n_particles=2)
+    c = simulate_movie(96, 3, seed=10, n_particles=2, molecules=["small"])
     assert not np.array_equal(a.frames, c.frames)
     js = a.truth.to_json()
     assert len(js["global_shifts_px"]) == 3 and js["micrograph"]["shape"] == [96, 96]

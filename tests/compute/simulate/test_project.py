@@ -10,7 +10,7 @@ from compute.errors import ComputeError
 from compute.fourier import frc
 from compute.geometry import euler_to_matrix, random_rotations
 from compute.simulate.molecules import available_molecules, default_box, density_map, molecule
-from compute.simulate.project import Projector, project, project_atoms
+from compute.simulate.project import Projector, project, project_atoms, resample_map
 
 
 def test_molecules_are_distinct_and_have_their_symmetry():
@@ -112,3 +112,13 @@ def test_projector_accepts_euler_and_rejects_bad_shapes():
         Projector(v[:, :, :30])
     with pytest.raises(ComputeError):
         P.project(np.zeros((2, 4)))
+
+
+def test_resample_map_matches_rendering_at_the_new_pixel_size():
+    m = molecule("asym")
+    fine = density_map(m, 96, 1.5)
+    coarse = resample_map(fine, 1.5, 3.0, 64)
+    ref = density_map(m, 64, 3.0)
+    assert coarse.shape == (64, 64, 64)
+    assert np.corrcoef(coarse.ravel(), ref.ravel())[0, 1] > 0.99
+    np.testing.assert_allclose(ndimage.center_of_mass(coarse), [32, 32, 32], atol=0.05)
