@@ -128,6 +128,7 @@ def _start_cli(project: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job_survives", [True, False])
 def test_kill_9_of_the_schemer_then_run_again(project, job_survives):
     control(project, sleep=0.3)
