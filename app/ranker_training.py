@@ -198,7 +198,13 @@ def load_split(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as d:
         data = {k: d[k] for k in d.files}
     keep = data["scored"].astype(bool)
-    return {k: v[keep] for k, v in data.items()}
+    out = {k: v[keep] for k, v in data.items()}
+    # labels from the stored ground truth with the current definition
+    from compute.ranker.synth import GOOD_FRC, GOOD_PURITY, target_score
+
+    out["target"] = target_score(out["purity"], out["frc"]).astype(np.float32)
+    out["good"] = (out["purity"] >= GOOD_PURITY) & (out["frc"] >= GOOD_FRC)
+    return out
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -234,7 +240,7 @@ def evaluate_predictions(pred: np.ndarray, data: dict[str, np.ndarray]) -> dict:
 # --- training --------------------------------------------------------------------------------
 
 def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str],
-          seed: int = 0) -> dict:
+          seed: int = 0, weight_power: float = 0.5) -> dict:
     """Train the full model and the baselines; write the checkpoint and validation figures."""
     import torch
 
@@ -259,11 +265,16 @@ def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str]
                      "train_jobs": int(len(np.unique(tr["job"]))),
                      "val_jobs": int(len(np.unique(va["job"]))),
                      "threshold": THRESHOLD, "models": {}}
+    # big classes weigh more (the acceptance rates count particles), sqrt keeps small ones in
+    wtr = np.maximum(tr["n_particles"], 1.0) ** weight_power
+    wtr = (wtr / wtr.mean()).astype(np.float32)
+    results["weight_power"] = weight_power
     out.mkdir(parents=True, exist_ok=True)
     for mode in modes:
         cfg = TrainConfig(mode=mode, epochs=epochs, threads=threads, seed=seed)
         t0 = time.monotonic()
-        model, hist = fit(Itr, Ztr, tr["target"], cfg, val=(Iva, Zva, va["target"]))
+        model, hist = fit(Itr, Ztr, tr["target"], cfg, val=(Iva, Zva, va["target"]),
+                          weights=wtr)
         secs = time.monotonic() - t0
         ev = evaluate_predictions(predict(model, Iva, Zva), va)
         ev_tr = evaluate_predictions(predict(model, Itr, Ztr), tr)
@@ -344,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--modes", default="full,features,image")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--weight-power", type=float, default=0.5,
+                   help="loss weight = particles**power (default 0.5)")
     e = sub.add_parser("evaluate", help="validation figures of shipped weights")
     e.add_argument("--data", type=Path, required=True)
     e.add_argument("--weights", type=Path, required=True)
@@ -356,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         print(generate_class2d(args.split, args.jobs, args.seed, args.out, args.iter))
     elif args.cmd == "train":
         res = train(args.data, args.out, args.epochs, args.threads, args.modes.split(","),
-                    args.seed)
+                    args.seed, args.weight_power)
         print(validation_table(res))
     else:
         ev = evaluate(args.data, args.weights)

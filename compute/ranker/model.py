@@ -29,7 +29,7 @@ def _block(c_in: int, c_mid: int, c_out: int) -> nn.Sequential:
 
 
 class RankerNet(nn.Module):
-    """Score network. ``forward(images (B,1,64,64), features (B,F)) -> (B,)`` raw scores."""
+    """Score network. ``forward(images (B,1,64,64), features (B,F)) -> (B,)`` scores in (0, 1)."""
 
     def __init__(self, mode: str = "full", n_features: int = N_FEATURES, image_dim: int = 64,
                  hidden: int = 64) -> None:
@@ -57,7 +57,8 @@ class RankerNet(nn.Module):
             parts.append(self.img_fc(self.cnn(images)))
         if self.mode in ("full", "features"):
             parts.append(features)
-        return self.head(torch.cat(parts, dim=1)).squeeze(1)
+        # a sigmoid lets junk classes reach 0 exactly (a linear output hovers around it)
+        return torch.sigmoid(self.head(torch.cat(parts, dim=1)).squeeze(1))
 
     def config(self) -> dict:
         return {"mode": self.mode, "n_features": self.n_features, "image_dim": self.image_dim,

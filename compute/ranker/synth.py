@@ -22,9 +22,9 @@ that changes a particle's log-likelihood by 1.
 Ground truth per class: ``purity`` (fraction of members that are correctly picked copies of
 the molecule), ``frc_score`` (mean FRC, between 1/diameter and 1/max(12 Å, 3 px), of the
 masked average with the best-matching true projection over in-plane rotations and small
-shifts) and the target ``score = purity**1.5 * clip((frc_score - 0.2) / 0.7, 0, 1)`` on an
-absolute 0–1 scale. A class is ground-truth *good* when ``purity >= GOOD_PURITY`` and
-``frc_score >= GOOD_FRC``.
+shifts). A class is ground-truth *good* when ``purity >= GOOD_PURITY`` (0.5) and
+``frc_score >= GOOD_FRC`` (0.45); the target :func:`target_score` is on an absolute 0–1
+scale with good classes in [0.15, 1] and the others below 0.15.
 """
 
 from __future__ import annotations
@@ -83,9 +83,25 @@ class ClassTruth:
         return self.purity >= GOOD_PURITY and self.frc_score >= GOOD_FRC
 
 
-def target_score(purity: float, frc_score: float) -> float:
-    """The absolute 0–1 training target of a class from its ground truth."""
-    return float(purity ** 1.5 * np.clip((frc_score - 0.2) / 0.7, 0.0, 1.0))
+def target_score(purity, frc_score):
+    """The absolute 0–1 training target of a class from its ground truth.
+
+    Good classes (``purity >= GOOD_PURITY`` and ``frc_score >= GOOD_FRC``) score
+    ``0.15 + 0.85 * sqrt(u_p * u_f)`` with ``u_p = (purity - 0.5) / 0.5`` and
+    ``u_f = min((frc - 0.45) / 0.45, 1)``; other classes score
+    ``0.15 * min(purity / 0.5, 1) * clip((frc - 0.1) / 0.35, 0, 1)``. So the selection
+    threshold 0.15 is exactly the ground-truth good/bad boundary and the score is continuous
+    across it (like the paper's label ladder, where 0.15 separates junk from the rest).
+    Works on scalars and arrays.
+    """
+    a = np.asarray(purity, dtype=np.float64)
+    b = np.asarray(frc_score, dtype=np.float64)
+    good = (a >= GOOD_PURITY) & (b >= GOOD_FRC)
+    u = np.sqrt(np.clip((a - GOOD_PURITY) / (1 - GOOD_PURITY), 0, 1)
+                * np.clip((b - GOOD_FRC) / GOOD_FRC, 0, 1))
+    v = np.minimum(a / GOOD_PURITY, 1.0) * np.clip((b - 0.1) / (GOOD_FRC - 0.1), 0, 1)
+    out = np.where(good, 0.15 + 0.85 * u, 0.15 * np.minimum(v, 0.999))
+    return float(out) if out.ndim == 0 else out
 
 
 # --- helpers -----------------------------------------------------------------------------

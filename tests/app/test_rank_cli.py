@@ -29,7 +29,9 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    return write_fake_class2d(tmp_path_factory.mktemp("proj"), seed=5, n_classes=8)
+    return write_fake_class2d(tmp_path_factory.mktemp("proj"), seed=2, n_classes=10,
+                              kinds={"good": 1.0, "empty": 0.5, "ice": 0.3, "carbon": 0.3,
+                                     "misaligned": 0.3})
 
 
 def test_rank_command_writes_outputs(job, weights, tmp_path, capsys, monkeypatch):

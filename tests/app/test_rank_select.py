@@ -102,7 +102,7 @@ def test_min_particles_top_up_end_to_end(fake_job, random_weights, tmp_path):
 
 
 def test_no_accuracy_columns_falls_back(tmp_path, random_weights, caplog):
-    f = write_fake_class2d(tmp_path, seed=3, n_classes=6, accuracy_columns=False, kinds=KINDS)
+    f = write_fake_class2d(tmp_path, seed=2, n_classes=10, accuracy_columns=False, kinds=KINDS)
     c = read_classification(f.optimiser, f.project)
     assert any("rlnAccuracyRotations" in w for w in c.warnings)
     res = rank_and_select(f.optimiser, tmp_path / "o", project_dir=f.project,
@@ -111,7 +111,7 @@ def test_no_accuracy_columns_falls_back(tmp_path, random_weights, caplog):
 
 
 def test_missing_class_images(tmp_path, random_weights):
-    f = write_fake_class2d(tmp_path, seed=4, n_classes=6, kinds=KINDS)
+    f = write_fake_class2d(tmp_path, seed=2, n_classes=10, kinds=KINDS)
     # two classes point at a stack that does not exist: they are not scored
     m = read_star(f.model)
     mc = m["model_classes"]
@@ -124,7 +124,7 @@ def test_missing_class_images(tmp_path, random_weights):
     assert not res.selected[1] and not res.selected[2]
     # no image at all: one clear error
     f.classes_mrcs.unlink()
-    with pytest.raises(UserError, match="none of the 6 class images"):
+    with pytest.raises(UserError, match="none of the 10 class images"):
         rank_and_select(f.optimiser, tmp_path / "o2", project_dir=f.project,
                         weights=random_weights)
 

@@ -30,6 +30,17 @@ class FakeClass2D:
     cond: JobConditions
 
 
+_CACHE: dict = {}
+
+
+def _job(cond: JobConditions, seed: int):
+    """Simulated classes, memoised per process (several tests write the same job)."""
+    key = (repr(cond), seed)
+    if key not in _CACHE:
+        _CACHE[key] = synth_job(cond, seed)
+    return _CACHE[key]
+
+
 def write_fake_class2d(project: Path, seed: int = 0, n_classes: int = 12, box: int = 64,
                        molecule: str = "c4ring", accuracy_columns: bool = True,
                        n_particles: int = 3000, kinds: dict | None = None,
@@ -43,7 +54,7 @@ def write_fake_class2d(project: Path, seed: int = 0, n_classes: int = 12, box: i
     cond = JobConditions(molecule=molecule, pixel_size_a=px, box=box,
                          diameter_a=mol.diameter_a * 1.05, snr=0.05, n_classes=n_classes,
                          n_particles=n_particles, kind_weights=kinds or {})
-    imgs, metas, truth = synth_job(cond, seed)
+    imgs, metas, truth = _job(cond, seed)
     counts = np.array([int(m.n_particles) for m in metas])
     for k in zero_classes:
         counts[k] = 0
