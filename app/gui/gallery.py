@@ -118,6 +118,8 @@ class ClassGallery(QtWidgets.QWidget):
         self.tile_px = tile_px
         self.gap = 8
         self._tiles: dict[int, ClassTile] = {}
+        self._work = None
+        self._work_data: GalleryData | None = None
 
         self.sort_box = QtWidgets.QComboBox()
         self.sort_box.addItems([f"by {k}" for k in SORT_KEYS])
@@ -170,13 +172,41 @@ class ClassGallery(QtWidgets.QWidget):
         self._update_threshold_label()
 
     # -- data -------------------------------------------------------------------------------
+    #: tiles updated per event-loop turn, so a 200-class refresh never blocks the loop long
+    CHUNK = 64
+
     def set_data(self, data: GalleryData) -> None:
-        """Show (or refresh in place) the classes of one Class2D iteration."""
+        """Show (or refresh in place) the classes of one Class2D iteration.
+
+        Tiles are updated :attr:`CHUNK` at a time from the event loop; :attr:`pending` is
+        True until the last chunk is done (then the grid is laid out and outlined).
+        """
         self.model.set_data(data)
         numbers = [int(c) for c in data.class_numbers]
         for c in set(self._tiles) - set(numbers):
             self.scene.removeItem(self._tiles.pop(c))
-        for i, c in enumerate(numbers):
+        self._work = iter(range(len(numbers)))
+        self._work_data = data
+        sel = data.select_job or "no ranker output yet"
+        self.title.setText(f"{data.class2d_job} iteration {data.iteration} · {sel}")
+        self._next_chunk()
+
+    @property
+    def pending(self) -> bool:
+        return self._work is not None
+
+    def _next_chunk(self) -> None:
+        data, work = self._work_data, self._work
+        if work is None or data is None:
+            return
+        for _ in range(self.CHUNK):
+            i = next(work, None)
+            if i is None:
+                self._work = None
+                self._layout()
+                self._restyle()
+                return
+            c = int(data.class_numbers[i])
             tile = self._tiles.get(c)
             if tile is None:
                 tile = ClassTile(self.tile_px)
@@ -188,14 +218,11 @@ class ClassGallery(QtWidgets.QWidget):
             tile.set_content(c, data.images[i], (
                 f"#{c}  score {_fmt(float(data.scores[i]), '.2f')}",
                 f"{size}  {_fmt(float(data.resolution_a[i]), '.1f')} Å"))
-        sel = data.select_job or "no ranker output yet"
-        self.title.setText(f"{data.class2d_job} iteration {data.iteration} · {sel}")
-        self._layout()
-        self._restyle()
+        QtCore.QTimer.singleShot(0, self._next_chunk)
 
     def _layout(self) -> None:
         d = self.model.data
-        if d is None:
+        if d is None or self._work is not None:
             return
         cell_w = self.tile_px + self.gap + 6
         cell_h = self.tile_px + ClassTile.TEXT_H + self.gap + 6
@@ -209,7 +236,7 @@ class ClassGallery(QtWidgets.QWidget):
 
     def _restyle(self) -> None:
         d = self.model.data
-        if d is None:
+        if d is None or self._work is not None:
             return
         sel = self.model.selected()
         for i, c in enumerate(d.class_numbers):

@@ -167,7 +167,7 @@ class MonitorWindow(QtWidgets.QMainWindow):
     closed = QtCore.pyqtSignal()
 
     def __init__(self, project: str | Path, interval_ms: int = 2000,
-                 parent: QtWidgets.QWidget | None = None) -> None:
+                 parent: QtWidgets.QWidget | None = None, use_process: bool = True) -> None:
         super().__init__(parent)
         self.project = Path(project).resolve()
         self.setWindowTitle(f"scopeside monitor — {self.project}")
@@ -178,7 +178,8 @@ class MonitorWindow(QtWidgets.QMainWindow):
         self.notifier.message.connect(self.notes.add)
         self.notifier.message.connect(lambda lvl, t: self.statusBar().showMessage(t, 10000))
         self.runner = TaskRunner(self.notifier, "monitor-tasks", self)
-        self.watcher = ProjectWatcher(self.project, self.notifier, interval_ms, self)
+        self.watcher = ProjectWatcher(self.project, self.notifier, interval_ms, self,
+                                      use_process=use_process)
         self.snapshot: ProjectSnapshot | None = None
         self.panels: dict[str, SchemePanel] = {}
         self._close_after_abort = False

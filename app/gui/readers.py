@@ -433,18 +433,30 @@ class ProjectReader:
         return np.full(len(numbers), -1, dtype=int)
 
     def _select_for(self, class2d_job: str) -> Path | None:
-        """The newest Select job with a rank_model.star that reads ``class2d_job``."""
+        """The newest Select job whose ranker scored ``class2d_job`` (None: not ranked yet).
+
+        A Select job belongs to a Class2D job when its ``job.star`` ``fn_model`` points into
+        it, or (no job.star) when its ``rank_model.star`` names that job's class images.
+        """
         from app.schemes.jobstar import read_job_star
 
-        cands = [d for d in self.job_dirs("Select") if (d / "rank_model.star").exists()]
-        for d in reversed(cands):
-            try:
-                opts = read_job_star(d / "job.star").options
-            except Exception:  # noqa: BLE001 - no/odd job.star: fall back to the newest one
-                continue
-            if class2d_job.rstrip("/") in str(opts.get("fn_model", "")):
+        job = class2d_job.rstrip("/") + "/"
+        for d in reversed([d for d in self.job_dirs("Select") if (d / "rank_model.star").exists()]):
+            js = d / "job.star"
+            if js.exists():
+                try:
+                    fn_model = str(read_job_star(js).options.get("fn_model", ""))
+                except USER_ERRORS_ALL:
+                    fn_model = ""
+                if fn_model.startswith(job):
+                    return d
+                if fn_model:
+                    continue
+            t = next(iter(self._star(d / "rank_model.star").values()), None)
+            if t is not None and "rlnReferenceImage" in t and any(
+                    f"@{job}" in str(r) for r in t["rlnReferenceImage"][:5]):
                 return d
-        return cands[-1] if cands else None
+        return None
 
     def _scores(self, rank_path: Path, numbers: np.ndarray) -> np.ndarray:
         data = self._star(rank_path)
@@ -531,3 +543,96 @@ def _acq_time(name: str) -> _dt.datetime | None:
         return _dt.datetime.strptime(m.group(1) + m.group(2), "%Y%m%d%H%M%S")
     except ValueError:
         return None
+
+
+class ProjectScanner:
+    """One refresh step of the monitor: what changed since the last step, loaded.
+
+    :meth:`step` returns a dict with any of ``snapshot`` (when scheme state changed),
+    ``table``, ``gallery``, ``maps``, ``micrograph`` (when their job folders changed) and
+    ``errors`` (one line per failed load). Runs in the monitor's loader process (see
+    :func:`scan_step`), or in-process in tests.
+    """
+
+    def __init__(self, project: str | Path) -> None:
+        self.reader = ProjectReader(project)
+        self._last_key: object = None
+        self._last_stamps: dict[str, tuple[str | None, float]] = {}
+        self._want_mic: str | None = None
+        self._mic_dirty = True
+
+    def want_micrograph(self, name: str | None) -> None:
+        self._want_mic = name or None
+        self._mic_dirty = True
+
+    def step(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"errors": []}
+        r = self.reader
+        try:
+            snap = r.snapshot()
+        except Exception as exc:  # noqa: BLE001 - reported in the window
+            out["errors"].append(f"reading the project: {_describe(exc)}")
+            return out
+        key = repr([(s.name, s.current_node, s.running, s.floats, s.bools, s.strings,
+                     [(j.job_dir, j.status, j.log_tail[-300:]) for j in s.jobs], s.error)
+                    for s in snap.schemes])
+        if key != self._last_key:
+            self._last_key = key
+            out["snapshot"] = snap
+        changed = {k for k, v in snap.job_stamps.items() if self._last_stamps.get(k) != v}
+        changed |= set(self._last_stamps) - set(snap.job_stamps)
+        self._last_stamps = dict(snap.job_stamps)
+        kinds = {_CANON.get(c.split("/")[0].lower(), "") for c in changed}
+        mic_kinds = bool(kinds & {"CtfFind", "MotionCorr", "AutoPick"})
+        if mic_kinds:
+            self._load(out, "table", "micrograph table", r.micrograph_table)
+        if kinds & {"Class2D", "Select"}:
+            self._load(out, "gallery", "2D classes", r.gallery)
+        if kinds & {"InitialModel", "Refine3D"}:
+            self._load(out, "maps", "3D maps",
+                       lambda: (r.map3d("InitialModel"), r.map3d("Refine3D")))
+        if mic_kinds or self._mic_dirty:
+            self._mic_dirty = False
+            self._load(out, "micrograph", "micrograph", lambda: r.micrograph_view(self._want_mic))
+        return out
+
+    @staticmethod
+    def _load(out: dict[str, Any], key: str, what: str, fn: Callable[[], Any]) -> None:
+        try:
+            value = fn()
+        except Exception as exc:  # noqa: BLE001 - reported in the window
+            out["errors"].append(f"{what}: {_describe(exc)}")
+            return
+        if value is not None:
+            out[key] = value
+
+
+_CANON = {k.lower(): k for k in JOB_FOLDERS}
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, USER_ERRORS):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+#: scanners living in the loader process, one per project
+_SCANNERS: dict[str, ProjectScanner] = {}
+
+
+def scan_step(project: str, want_mic: str | None = None, set_mic: bool = False
+              ) -> dict[str, Any]:
+    """:meth:`ProjectScanner.step` for ``project`` in this (loader) process; keeps state."""
+    sc = _SCANNERS.get(project)
+    if sc is None:
+        sc = _SCANNERS[project] = ProjectScanner(project)
+    if set_mic:
+        sc.want_micrograph(want_mic)
+    return sc.step()
+
+
+def loader_init() -> None:
+    """Start-up of the loader process: import what the first scan needs."""
+    import app.schemes.api  # noqa: F401
+    import metadata.images  # noqa: F401
+    import metadata.star  # noqa: F401

@@ -30,11 +30,6 @@ from app.errors import USER_ERRORS
 
 log = logging.getLogger(__name__)
 
-#: job folder (lower case) -> canonical RELION type folder
-_KIND = {k.lower(): k for k in ("Import", "MotionCorr", "CtfFind", "Select", "AutoPick",
-                                "Extract", "Class2D", "InitialModel", "Refine3D")}
-
-
 def describe_error(exc: BaseException) -> str:
     """One line for the operator: user errors as they are, others with their type."""
     if isinstance(exc, USER_ERRORS):
@@ -142,7 +137,13 @@ class TaskRunner(QtCore.QObject):
 
 
 class _Scanner(QtCore.QObject):
-    """Lives on the watcher thread: rescans and loads; emits only what changed."""
+    """Lives on the watcher thread: asks the loader for what changed and emits it.
+
+    The loading itself (STAR parsing, images, spectra) runs in a separate **loader
+    process** (:func:`app.gui.readers.scan_step` on a one-worker spawn pool), so it never
+    holds the GUI process's GIL: this thread only waits for the answer. With
+    ``use_process=False`` the same step runs on this thread (tests, debugging).
+    """
 
     snapshot = QtCore.pyqtSignal(object)
     table = QtCore.pyqtSignal(object)
@@ -151,25 +152,23 @@ class _Scanner(QtCore.QObject):
     micrograph = QtCore.pyqtSignal(object)
     error = QtCore.pyqtSignal(str)
 
-    def __init__(self, project: Path, interval_ms: int) -> None:
+    def __init__(self, project: Path, interval_ms: int, use_process: bool) -> None:
         super().__init__()
         self.project = project
         self.interval_ms = interval_ms
-        self._reader = None
+        self.use_process = use_process
+        self._pool = None
+        self._local = None
         self._timer: QtCore.QTimer | None = None
         self._debounce: QtCore.QTimer | None = None
-        self._last_snapshot_key: object = None
-        self._last_stamps: dict[str, tuple[str | None, float]] = {}
         self._observer = None
         self._errors_seen: set[str] = set()
         self._want_mic: str | None = None
-        self._last_mic_key: object = None
+        self._set_mic = False
+        self._stopping = False
 
     @QtCore.pyqtSlot()
     def start(self) -> None:
-        from app.gui.readers import ProjectReader
-
-        self._reader = ProjectReader(self.project)
         self._timer = QtCore.QTimer(self)
         self._timer.timeout.connect(self.scan)
         self._timer.start(self.interval_ms)
@@ -179,6 +178,32 @@ class _Scanner(QtCore.QObject):
         self._debounce.timeout.connect(self.scan)
         self._start_observer()
         self.scan()
+
+    def _step(self) -> dict[str, Any]:
+        from app.gui import readers
+
+        set_mic, self._set_mic = self._set_mic, False
+        if not self.use_process:
+            if self._local is None:
+                self._local = readers.ProjectScanner(self.project)
+            if set_mic:
+                self._local.want_micrograph(self._want_mic)
+            return self._local.step()
+        from concurrent.futures.process import BrokenProcessPool
+
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=readers.loader_init)
+            set_mic = True
+        try:
+            return self._pool.submit(readers.scan_step, str(self.project), self._want_mic,
+                                     set_mic).result()
+        except BrokenProcessPool:
+            self._pool = None  # the loader died (e.g. out of memory): a new one next time
+            raise
 
     def _start_observer(self) -> None:
         try:
@@ -212,69 +237,42 @@ class _Scanner(QtCore.QObject):
     @QtCore.pyqtSlot(str)
     def want_micrograph(self, name: str) -> None:
         self._want_mic = name or None
-        self._last_mic_key = None
+        self._set_mic = True
         self.scan()
 
-    def _report(self, what: str, exc: BaseException) -> None:
-        from app.gui.workers import describe_error as _d
-
-        text = f"{what}: {_d(exc)}"
+    def _report(self, text: str) -> None:
         if text not in self._errors_seen:  # one message per distinct problem, not per scan
             self._errors_seen.add(text)
             self.error.emit(text)
 
     @QtCore.pyqtSlot()
     def scan(self) -> None:
-        r = self._reader
-        if r is None:
+        if self._stopping or self._timer is None:
             return
         try:
-            snap = r.snapshot()
-        except Exception as exc:  # noqa: BLE001
-            self._report("reading the project", exc)
-            return
-        key = repr([(s.name, s.current_node, s.running, s.floats, s.bools, s.strings,
-                     [(j.job_dir, j.status, len(j.log_tail), j.log_tail[-200:]) for j in s.jobs],
-                     s.error) for s in snap.schemes])
-        if key != self._last_snapshot_key:
-            self._last_snapshot_key = key
-            self.snapshot.emit(snap)
-        changed = {k for k, v in snap.job_stamps.items() if self._last_stamps.get(k) != v}
-        changed |= set(self._last_stamps) - set(snap.job_stamps)
-        self._last_stamps = dict(snap.job_stamps)
-        kinds = {_KIND.get(c.split("/")[0].lower(), "") for c in changed}
-        if kinds & {"CtfFind", "MotionCorr", "AutoPick"}:
-            self._load("micrograph table", r.micrograph_table, self.table)
-            self._last_mic_key = None
-        if kinds & {"Class2D", "Select"}:
-            self._load("2D classes", r.gallery, self.gallery)
-        if kinds & {"InitialModel", "Refine3D"}:
-            self._load("3D maps", lambda: (r.map3d("InitialModel"), r.map3d("Refine3D")),
-                       self.maps)
-        mic_key = (self._want_mic, kinds & {"CtfFind", "MotionCorr", "AutoPick"} != set())
-        if self._last_mic_key is None or mic_key[1]:
-            self._last_mic_key = mic_key
-            self._load("micrograph", lambda: r.micrograph_view(self._want_mic), self.micrograph)
-
-    def _load(self, what: str, fn: Callable[[], Any], signal: QtCore.pyqtBoundSignal) -> None:
-        try:
-            value = fn()
+            out = self._step()
         except Exception as exc:  # noqa: BLE001 - shown in the notification area
-            self._report(what, exc)
+            self._report(f"project loader: {describe_error(exc)}")
             return
-        if value is not None:
-            signal.emit(value)
+        for text in out.get("errors", []):
+            self._report(text)
+        for key in ("snapshot", "table", "gallery", "maps", "micrograph"):
+            if key in out:
+                getattr(self, key).emit(out[key])
 
     @QtCore.pyqtSlot()
     def shutdown(self) -> None:
-        if self._timer is not None:
-            self._timer.stop()
-        if self._debounce is not None:
-            self._debounce.stop()
+        self._stopping = True
+        for t in (self._timer, self._debounce):
+            if t is not None:
+                t.stop()
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
             self._observer = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
         # hand the object (and its timers) back to the GUI thread, which will delete it:
         # a timer must be stopped and destroyed by the thread that owns it
         app = QtCore.QCoreApplication.instance()
@@ -294,12 +292,12 @@ class ProjectWatcher(QtCore.QObject):
     _rescan = QtCore.pyqtSignal()
 
     def __init__(self, project: str | Path, notifier: Notifier, interval_ms: int = 2000,
-                 parent: QtCore.QObject | None = None) -> None:
+                 parent: QtCore.QObject | None = None, use_process: bool = True) -> None:
         super().__init__(parent)
         self.project = Path(project)
         self._thread = QtCore.QThread()
         self._thread.setObjectName("scopeside-watcher")
-        self._scanner = _Scanner(self.project, interval_ms)
+        self._scanner = _Scanner(self.project, interval_ms, use_process)
         self._scanner.moveToThread(self._thread)
         q = QtCore.Qt.ConnectionType.QueuedConnection
         self._thread.started.connect(self._scanner.start)

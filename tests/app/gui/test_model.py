@@ -160,3 +160,17 @@ def test_movies_glob_from_epu_layout(tmp_path):
     assert be.movies_glob(tmp_path, str(movie)) == \
         "Movies/Images-Disc*/GridSquare_*/Data/*_fractions.tiff"
     assert be.movies_glob(None, str(movie)) is None
+
+
+def test_scores_only_from_the_ranker_of_that_class2d_job(tmp_path, rng):
+    fakes.populate(tmp_path, rng, n_mics=3, n_classes=6)
+    fakes.write_class2d(tmp_path, 6, rng, job="Class2D/job011")
+    g = ProjectReader(tmp_path).gallery()
+    # the newest Class2D job is not ranked yet: no scores from job007's ranker
+    assert g.class2d_job == "Class2D/job011/" and g.select_job is None
+    assert np.isnan(g.scores).all()
+    fakes.write_rank(tmp_path, np.linspace(0, 1, 6), class2d_job="Class2D/job011",
+                     job="Select/job012", job_star=False)
+    g = ProjectReader(tmp_path).gallery()
+    assert g.select_job == "Select/job012/"
+    np.testing.assert_allclose(g.scores, np.linspace(0, 1, 6), atol=1e-6)
