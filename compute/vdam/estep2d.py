@@ -328,12 +328,18 @@ class Estep2D:
         # carry that multiplicity (2, or 1 on the self-conjugate column), so half of it goes
         # into the grid here and twice the real part is taken below
         vals = sums * 0.5
-        base = (xp.arange(k) * (m * m))[:, None, None, None]
-        idx = (base + self._read_idx[None]).ravel()
-        wv = (vals[..., None] * self._read_w[None]).ravel()
-        re = xp.bincount(idx, weights=wv.real.astype(np.float64), minlength=k * m * m)
-        im = xp.bincount(idx, weights=wv.imag.astype(np.float64), minlength=k * m * m)
-        grid = (re + 1j * im).reshape(k, m, m)
+        if self._read_mat is not None:
+            flat = vals.reshape(k, -1).T                                          # (R*F, K)
+            both = np.concatenate([flat.real, flat.imag], axis=1).astype(np.float32)
+            g = np.asarray(self._read_mat.T @ both)                               # (m*m, 2K)
+            grid = (g[:, :k] + 1j * g[:, k:]).T.reshape(k, m, m)
+        else:
+            base = (xp.arange(k) * (m * m))[:, None, None, None]
+            idx = (base + self._read_idx[None]).ravel()
+            wv = (vals[..., None] * self._read_w[None]).ravel()
+            re = xp.bincount(idx, weights=wv.real.astype(np.float64), minlength=k * m * m)
+            im = xp.bincount(idx, weights=wv.imag.astype(np.float64), minlength=k * m * m)
+            grid = (re + 1j * im).reshape(k, m, m)
         img = 2.0 * be.fftshift(be.ifftn(grid, axes=(-2, -1)).real, axes=(-2, -1))
         o = (m - n) // 2
         img = img[:, o:o + n, o:o + n] / self.gridding * float(p * p)
