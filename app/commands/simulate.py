@@ -95,8 +95,11 @@ def _movie_args(p, frames: int = 40):
                    help="relative rms of detector sensitivity (default 0.05; 0 = ideal)")
     p.add_argument("--hot", type=int, default=10, help="hot pixels (default 10)")
     p.add_argument("--dead", type=int, default=10, help="dead pixels (default 10)")
-    p.add_argument("--format", choices=("tiff", "mrc"), default="tiff",
-                   help="movie format: LZW TIFF (uint8 counts) or MRC (default tiff)")
+    p.add_argument("--format", choices=("tiff", "mrc", "eer"), default="tiff",
+                   help="movie format: LZW TIFF (uint8 counts), MRC, or EER (electron events; "
+                   "RELION reads only 4096x4096 EER) (default tiff)")
+    p.add_argument("--eer-per-fraction", type=int, default=20,
+                   help="EER frames per simulated fraction (default 20)")
 
 
 def add_args(parser):
@@ -246,7 +249,7 @@ def main(args) -> int:
             local_px=args.local, carbon_fraction=args.carbon_fraction,
             max_aggregates=args.aggregates, max_ice_blobs=args.ice_blobs,
             gain_rms=args.gain_rms, n_hot=args.hot, n_dead=args.dead, movie_format=args.format,
-            seed=args.seed,
+            eer_frames_per_fraction=args.eer_per_fraction, seed=args.seed,
             movie_kw=dict(molecules=_molecules(args, None), n_particles=args.particles,
                           phase_shift_deg=args.phase_shift, bfactor_a2=_bfactor(args, 60.0),
                           ice_thickness_a=args.ice_thickness, thon_contrast=args.thon_contrast))
@@ -256,7 +259,8 @@ def main(args) -> int:
 
             det = _detector(spec)
             paths = write_movie_set(out, args.n, lambda i: _make_movie(spec, i, det),
-                                    fmt=args.format, command=cmd, progress=_progress("movie"))
+                                    fmt=args.format, command=cmd, progress=_progress("movie"),
+                                    eer_frames_per_fraction=args.eer_per_fraction)
             what = f"{args.n} movies ({args.size} px x {args.frames} frames, {args.format})"
         elif args.layout == "epu":
             from app.simulation.session import write_epu_session_sim

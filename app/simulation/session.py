@@ -18,10 +18,10 @@ Both: ``out/ground_truth/`` with ``movies_truth.star`` (true defocus, drift, ...
 movie paths relative to ``out``), ``coordinates_truth.star`` (every particle's frame-1
 position) and per movie ``<stem>.json`` + ``<stem>_shifts.star``.
 
+Movies are written whole under a hidden ``.<name>.part`` name and renamed when complete.
 Drip-feeding (``interval_s > 0``): movies appear one by one, ``interval_s`` apart, as on a
-microscope; each movie file is written under a hidden ``.<name>.part`` name and renamed
-when complete, unless ``grow=True`` (then it grows in place over ``interval_s / 2``, like a
-camera writing frames; readers must wait for it to stop changing).
+microscope; with ``grow=True`` a movie instead grows in place over ``interval_s / 2``, like
+a camera writing frames (readers must wait for it to stop changing).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from metadata.star import write_star
 
 log = logging.getLogger(__name__)
 
-_EPU_SUFFIX = {"tiff": "_fractions.tiff", "mrc": "_Fractions.mrc"}
+_EPU_SUFFIX = {"tiff": "_fractions.tiff", "mrc": "_Fractions.mrc", "eer": "_EER.eer"}
 
 
 @dataclass
@@ -80,6 +80,8 @@ class SessionSpec:
     n_hot: int = 10
     n_dead: int = 10
     movie_format: str = "tiff"
+    eer_frames_per_fraction: int = 20
+    exposure_time_s: float = 2.0
     seed: int = 0
     movie_kw: dict[str, Any] = field(default_factory=dict)
 
@@ -113,14 +115,17 @@ def _make_movie(spec: SessionSpec, i: int, detector):
     )
 
 
-def _write_movie_file(path: Path, frames: np.ndarray, pixel_size_a: float, fmt: str,
-                      grow_s: float) -> None:
+def _write_movie_file(path: Path, mv, spec: SessionSpec, grow_s: float, seed: int) -> None:
+    kw = dict(eer_frames_per_fraction=spec.eer_frames_per_fraction,
+              exposure_time_s=spec.exposure_time_s, seed=seed,
+              hot_pixels=mv.truth.hot_pixels)
+    frames = to_numpy(mv.frames)
     if grow_s <= 0:
-        write_movie(path, frames, pixel_size_a, fmt)
+        write_movie(path, frames, spec.pixel_size_a, spec.movie_format, **kw)
         return
     # write the complete file aside, then copy it into place in chunks (the file grows)
     tmp = path.with_name(f".{path.name}.full")
-    write_movie(tmp, frames, pixel_size_a, fmt)
+    write_movie(tmp, frames, spec.pixel_size_a, spec.movie_format, **kw)
     data = tmp.read_bytes()
     tmp.unlink()
     n = 4
@@ -185,7 +190,7 @@ def write_epu_session_sim(
 
     spec = spec or SessionSpec()
     if spec.movie_format not in _EPU_SUFFIX:
-        raise UserError(f"EPU sessions are written with tiff or mrc movies, not "
+        raise UserError(f"EPU sessions are written with tiff, mrc or eer movies, not "
                         f"{spec.movie_format!r}")
     out = Path(out)
     mroot = Path(movie_root) if movie_root is not None else out
@@ -196,7 +201,12 @@ def write_epu_session_sim(
     xml_kw = dict(voltage_kv=spec.voltage_kv, pixel_size_a=spec.pixel_size_a,
                   n_fractions=spec.n_frames,
                   dose_e_a2=spec.dose_per_frame_e_a2 * spec.n_frames,
+                  exposure_time_s=spec.exposure_time_s,
                   readout_width=spec.shape[1], readout_height=spec.shape[0])
+    if spec.movie_format == "eer":
+        xml_kw.update(eer_frame_rate_hz=spec.n_frames * spec.eer_frames_per_fraction
+                      / spec.exposure_time_s, eer_gain_reference="gain_reference.mrc",
+                      camera_name="EF-Falcon", detector_commercial_name="Falcon 4i")
     mroot.mkdir(parents=True, exist_ok=True)
     write_mrc(mroot / "gain_reference.mrc", detector.gain_reference,
               pixel_size_a=spec.pixel_size_a)
@@ -213,13 +223,8 @@ def write_epu_session_sim(
         nominal = -round(c.defocus_mean_a / 1e4 * 4) / 4  # nearest 0.25 um, negative = under
         write_epu_movie_xml(info.xml_path, acquired_at=info.acquired_at, defocus_um=nominal,
                             **xml_kw)
-        if interval_s > 0 and not grow:
-            part = mpath.with_name(f".{mpath.name}.part")
-            write_movie(part, to_numpy(mv.frames), spec.pixel_size_a, spec.movie_format)
-            part.replace(mpath)
-        else:
-            _write_movie_file(mpath, to_numpy(mv.frames), spec.pixel_size_a,
-                              spec.movie_format, interval_s / 2 if grow else 0.0)
+        # written whole under a hidden name, then renamed (writers do this), or grown in place
+        _write_movie_file(mpath, mv, spec, interval_s / 2 if grow else 0.0, i)
         name = _relative(mpath, out)
         truth.add(name, mpath.name.removesuffix(_EPU_SUFFIX[spec.movie_format]), mv)
         if progress:
@@ -258,8 +263,8 @@ def write_serialem_session_sim(
     from metadata.synth import write_mdoc
 
     spec = spec or SessionSpec()
-    if spec.movie_format not in ("tiff", "mrc"):
-        raise UserError(f"SerialEM sessions are written with tiff or mrc movies, not "
+    if spec.movie_format not in ("tiff", "mrc", "eer"):
+        raise UserError(f"SerialEM sessions are written with tiff, mrc or eer movies, not "
                         f"{spec.movie_format!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,7 +273,7 @@ def write_serialem_session_sim(
     write_mrc(out / gain_name, detector.gain_reference, pixel_size_a=spec.pixel_size_a)
     write_defects(out / "defects.txt", detector.hot_pixels, detector.dead_pixels)
     truth = _Truth(out)
-    ext = "tif" if spec.movie_format == "tiff" else "mrc"
+    ext = {"tiff": "tif", "mrc": "mrc", "eer": "eer"}[spec.movie_format]
     start = _dt.datetime(2024, 5, 17, 10, 30, 0)
     written = []
     for i in range(n_movies):
@@ -277,13 +282,7 @@ def write_serialem_session_sim(
         mv = _make_movie(spec, i, detector)
         stem = f"{prefix}_{i + 1:05d}"
         mpath = out / f"{stem}.{ext}"
-        if interval_s > 0 and not grow:
-            part = out / f".{mpath.name}.part"
-            write_movie(part, to_numpy(mv.frames), spec.pixel_size_a, spec.movie_format)
-            part.replace(mpath)
-        else:
-            _write_movie_file(mpath, to_numpy(mv.frames), spec.pixel_size_a,
-                              spec.movie_format, interval_s / 2 if grow else 0.0)
+        _write_movie_file(mpath, mv, spec, interval_s / 2 if grow else 0.0, i)
         c = mv.truth.micrograph.ctf
         mdoc = write_mdoc(
             out / f"{mpath.name}.mdoc", variant="frame", pixel_size_a=spec.pixel_size_a,

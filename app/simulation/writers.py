@@ -7,7 +7,8 @@ Layout written by the ``write_*_set`` functions (``out`` is the folder given)::
     out/Movies/movie_00001.tiff|.mrc, out/movies.star, out/gain_reference.mrc, out/defects.txt
     out/ground_truth/...                              truth JSON + STAR (see each function)
 
-Movies hold raw electron counts (``uint8`` LZW TIFF, or MRC mode 0 (int8) / mode 6 (uint16));
+Movies hold raw electron counts (``uint8`` LZW TIFF, MRC mode 0 (int8) / mode 6 (uint16), or
+EER with ``eer_frames_per_fraction`` EER frames per simulated fraction);
 multiply by ``gain_reference.mrc`` to gain-normalise (RELION's and MotionCor2's convention).
 ``defects.txt`` lists defective pixels as ``x y 1 1`` (MotionCor2 / RELION defect-file format).
 """
@@ -30,8 +31,8 @@ from metadata.star import write_star
 
 log = logging.getLogger(__name__)
 
-MOVIE_FORMATS = ("tiff", "mrc")
-MOVIE_SUFFIX = {"tiff": ".tiff", "mrc": ".mrc"}
+MOVIE_FORMATS = ("tiff", "mrc", "eer")
+MOVIE_SUFFIX = {"tiff": ".tiff", "mrc": ".mrc", "eer": ".eer"}
 
 
 def _json_default(o):
@@ -67,15 +68,20 @@ def write_json(path: str | Path, data: dict) -> Path:
 
 
 def write_movie(path: str | Path, frames: np.ndarray, pixel_size_a: float | None = None,
-                fmt: str | None = None) -> Path:
+                fmt: str | None = None, *, eer_frames_per_fraction: int = 20,
+                exposure_time_s: float | None = 2.0, seed: int | None = 0,
+                hot_pixels: np.ndarray | None = None) -> Path:
     """Write a movie ``(n, ny, nx)`` of counts.
 
     Parameters
     ----------
     path : output file; the format follows ``fmt`` or the suffix (``.tif``/``.tiff`` ->
-        multi-page LZW TIFF, ``.mrc`` -> MRC stack).
+        multi-page LZW TIFF, ``.mrc`` -> MRC stack, ``.eer`` -> EER, see
+        :mod:`app.simulation.eer`).
     frames : integer counts (uint8/uint16) or float frames.
-    pixel_size_a : written into the MRC header (TIFF has no standard field for it).
+    pixel_size_a : written into the MRC header / EER metadata (TIFF has no standard field).
+    eer_frames_per_fraction, exposure_time_s, seed, hot_pixels : EER only: each fraction is
+        split into this many EER frames (random, seeded); hot pixels fire in every EER frame.
     """
     p = Path(path)
     fmt = (fmt or p.suffix.lstrip(".")).lower()
@@ -104,8 +110,11 @@ def write_movie(path: str | Path, frames: np.ndarray, pixel_size_a: float | None
                 m.voxel_size = float(pixel_size_a)
         tmp.replace(p)
     elif fmt == "eer":
-        raise UserError("EER movies are not written by the simulator (no faithful EER encoder "
-                        "yet); use tiff or mrc")
+        from app.simulation.eer import write_eer
+
+        write_eer(p, data, eer_frames_per_fraction=eer_frames_per_fraction,
+                  pixel_size_a=pixel_size_a, exposure_time_s=exposure_time_s, seed=seed,
+                  hot_pixels=hot_pixels)
     else:
         raise UserError(f"{p}: unknown movie format {fmt!r}; use one of {', '.join(MOVIE_FORMATS)}")
     return p
@@ -272,6 +281,7 @@ def write_movie_truth(truth_dir: Path, stem: str, name: str, movie) -> Path:
 
 def write_movie_set(out: str | Path, n: int, make_movie: Callable[[int], Any], *,
                     fmt: str = "tiff", float16_truth: bool = True,
+                    eer_frames_per_fraction: int = 20,
                     command: str | None = None,
                     progress: Callable[[int, int], None] | None = None) -> dict[str, Path]:
     """Generate and write ``n`` movies one at a time (``make_movie(i)`` returns a
@@ -292,7 +302,9 @@ def write_movie_set(out: str | Path, n: int, make_movie: Callable[[int], Any], *
         first = first or mv
         name = f"Movies/movie_{i + 1:05d}{MOVIE_SUFFIX[fmt]}"
         t = mv.truth
-        write_movie(out / name, to_numpy(mv.frames), t.micrograph.pixel_size_a, fmt)
+        write_movie(out / name, to_numpy(mv.frames), t.micrograph.pixel_size_a, fmt,
+                    eer_frames_per_fraction=eer_frames_per_fraction, seed=i,
+                    hot_pixels=t.hot_pixels)
         rows.append({"rlnMicrographMovieName": name, "rlnOpticsGroup": 1})
         truth_rows.append(movie_truth_row(name, t))
         write_movie_truth(out / "ground_truth", f"movie_{i + 1:05d}", name, mv)
