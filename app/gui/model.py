@@ -48,6 +48,7 @@ class FormField:
     confirmed: bool = False
     help: str = ""
     error: str | None = None  # text the operator typed that could not be parsed
+    is_default: bool = False  # scopeside's default, not yet touched by the operator
 
     @property
     def state(self) -> str:
@@ -77,7 +78,9 @@ class FormField:
             parts.append(f"from {self.source}")
         if self.derived:
             parts.append(f"derived: {self.derived}")
-        if self.source is None and self.derived is None and self.value not in (None, ""):
+        if self.is_default:
+            parts.append("scopeside default")
+        elif self.source is None and self.derived is None and self.value not in (None, ""):
             parts.append("entered by the operator")
         if self.lo is not None or self.hi is not None:
             parts.append(f"plausible range {_fmt(self.lo)} – {_fmt(self.hi)} {self.unit}".rstrip())
@@ -89,6 +92,7 @@ class FormField:
         """Set the value from what the operator typed; a bad number sets :attr:`error`."""
         t = text.strip()
         self.error = None
+        self.is_default = False
         self.confirmed = False
         self.source = None
         self.derived = None
@@ -117,6 +121,22 @@ class FormField:
             want = {"float": "a number", "int": "a whole number", "bool": "yes or no",
                     "choice": "one of " + ", ".join(self.choices)}.get(self.kind, "text")
             self.error = f"{self.label}: {t!r} is not {want}"
+
+    def short_source(self, width: int = 46) -> str:
+        """``file · key`` (file name only) for the form's source column."""
+        if self.is_default:
+            return "default"
+        if self.source:
+            where, sep, key = self.source.rpartition(":")
+            if sep and ("/" in where or "\\" in where or "." in where):
+                text = f"{Path(where).name} · {key}"
+            else:
+                text = self.source
+        elif self.derived:
+            text = f"derived: {self.derived}"
+        else:
+            text = "entered" if self.value not in (None, "") else ""
+        return text if len(text) <= width else text[: width - 1] + "…"
 
     def text(self) -> str:
         if self.value is None:
@@ -218,6 +238,7 @@ class SetupForm:
             self.fields[key] = FormField(key, label, kind, unit, lo=lo, hi=hi, required=req,
                                          help=hlp)
         for f in operator_fields():
+            f.is_default = f.value is not None
             self.fields[f.key] = f
         self.session_path: Path | None = None
         self.session_kind: str | None = None  # "EPU" | "SerialEM"
@@ -459,7 +480,8 @@ class MicrographView:
     bin_factor: float
     picks_xy: np.ndarray  # (n, 2) in display pixels
     spectrum: np.ndarray  # (s, s) log power spectrum, centred, left half CTF² model
-    pick_diameter_px: float = 0.0
+    pick_diameter_px: float = 0.0  # in display pixels (0: unknown)
+    levels: tuple[float, float] = (0.0, 1.0)  # display range (1st/99th percentile)
 
 
 @dataclass

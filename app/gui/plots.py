@@ -80,13 +80,15 @@ class MicrographViewer(QtWidgets.QWidget):
         super().__init__(parent)
         self.chooser = QtWidgets.QComboBox()
         self.chooser.addItem("latest")
-        self.chooser.setMinimumContentsLength(40)
+        self.chooser.setMinimumContentsLength(24)
         self.chooser.activated.connect(self._on_choose)
         self.caption = QtWidgets.QLabel("no micrograph yet")
+        self.caption.setSizePolicy(QtWidgets.QSizePolicy.Policy.Ignored,
+                                   QtWidgets.QSizePolicy.Policy.Preferred)
         top = QtWidgets.QHBoxLayout()
         top.addWidget(QtWidgets.QLabel("Micrograph"))
         top.addWidget(self.chooser, 1)
-        top.addWidget(self.caption)
+        top.addWidget(self.caption, 2)
         self.glw = pg.GraphicsLayoutWidget()
         self.glw.setBackground("#1c2833")
         self.mic_box = self.glw.addViewBox(row=0, col=0, lockAspect=True, invertY=True)
@@ -95,12 +97,10 @@ class MicrographViewer(QtWidgets.QWidget):
         self.mic_img = pg.ImageItem()
         self.mic_box.addItem(self.mic_img)
         self.picks = pg.ScatterPlotItem(pen=pg.mkPen("#f4d03f", width=1.5), brush=None,
-                                        symbol="o", size=12)
+                                        symbol="o", size=12, pxMode=False)
         self.mic_box.addItem(self.picks)
         self.ps_img = pg.ImageItem()
         self.ps_box.addItem(self.ps_img)
-        self.ps_label = pg.TextItem("left: CTF fit · right: power spectrum", color="#e5e8e8")
-        self.ps_box.addItem(self.ps_label)
         lay = QtWidgets.QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addLayout(top)
@@ -122,13 +122,12 @@ class MicrographViewer(QtWidgets.QWidget):
         self.micrograph_chosen.emit("" if idx == 0 else self.chooser.itemText(idx))
 
     def set_view(self, v: MicrographView) -> None:
-        lo, hi = np.percentile(v.image, [1, 99]) if v.image.size else (0, 1)
-        self.mic_img.setImage(v.image, levels=(lo, hi), autoLevels=False)
-        size = max(6.0, v.pick_diameter_px) if v.pick_diameter_px else 12
+        self.mic_img.setImage(v.image, levels=v.levels, autoLevels=False)
+        size = v.pick_diameter_px if v.pick_diameter_px > 0 else max(v.image.shape) / 40
         self.picks.setData(pos=v.picks_xy, size=size)
         self.ps_img.setImage(v.spectrum, levels=(0, 1), autoLevels=False)
         self.caption.setText(f"{v.name.rsplit('/', 1)[-1]} · {len(v.picks_xy)} picks · "
-                             f"shown binned ×{v.bin_factor:g}")
+                             f"binned ×{v.bin_factor:g} · spectrum: left CTF fit, right data")
         self.mic_box.autoRange(padding=0)
         self.ps_box.autoRange(padding=0)
 
@@ -151,7 +150,7 @@ class MapViewer(pg.GraphicsLayoutWidget):
                 items.append(im)
             self.rows[kind] = (label, items)
         self.fsc_plot = self.addPlot(row=4, col=0, colspan=3, title="Gold-standard FSC")
-        self.fsc_plot.setLabel("bottom", "resolution", units="1/Å")
+        self.fsc_plot.setLabel("bottom", "spatial frequency (1/Å)")
         self.fsc_plot.setYRange(-0.05, 1.05)
         self.fsc_plot.addLine(y=0.143, pen=pg.mkPen("#e74c3c", style=QtCore.Qt.PenStyle.DashLine))
         self.fsc_curve = self.fsc_plot.plot([], [], pen=pg.mkPen("#5dade2", width=2))

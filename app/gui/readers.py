@@ -330,7 +330,27 @@ class ProjectReader:
             except (MetadataError, KeyError):
                 picks = np.zeros((0, 2))
         spectrum = self._spectrum(img, name, px)
-        return MicrographView(name, small, float(b), picks, spectrum)
+        lo, hi = (float(x) for x in np.percentile(small, [1, 99]))
+        diam = self._pick_diameter_a()
+        diam_px = diam / px / b if diam and px else 0.0
+        return MicrographView(name, small, float(b), picks, spectrum, diam_px,
+                              (lo, hi if hi > lo else lo + 1))
+
+    def _pick_diameter_a(self) -> float | None:
+        """The picking diameter (Å) from the newest AutoPick job's options."""
+        from app.schemes.jobstar import read_job_star
+
+        d = self.latest_with("AutoPick", "job.star")
+        if d is None:
+            return None
+        try:
+            opts = read_job_star(d / "job.star").options
+        except USER_ERRORS_ALL:
+            return None
+        key = "topaz_particle_diameter" if str(opts.get("do_topaz", "No")) == "Yes" else \
+            "log_diam_max"
+        v = _to_float(opts.get(key))
+        return v if v > 0 else None
 
     def _spectrum(self, img: np.ndarray, name: str, px: float | None, box: int = 256) -> np.ndarray:
         """Tile-averaged log power spectrum; left half replaced by the fitted CTF² model."""

@@ -92,10 +92,7 @@ class FieldRow:
         self.editor.style().unpolish(self.editor)
         self.editor.style().polish(self.editor)
         self.editor.setToolTip(f.tooltip())
-        src = f.source or (f"derived: {f.derived}" if f.derived else
-                           ("entered" if f.value not in (None, "") else ""))
-        shown = src if len(src) < 48 else "…" + src[-46:]
-        self.source.setText(shown)
+        self.source.setText(f.short_source())
         self.source.setToolTip(f.tooltip())
         self.confirm.setVisible(state in (IMPLAUSIBLE, CONFIRMED) and not f.error)
         self.confirm.blockSignals(True)

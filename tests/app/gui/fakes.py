@@ -37,11 +37,12 @@ def mic_names(n: int, start: int = 0, t0: _dt.datetime | None = None,
 
 
 def micrograph_image(rng: np.random.Generator, size: int = 256, defocus_a: float = 15000.0,
-                     n_blobs: int = 12) -> tuple[np.ndarray, np.ndarray]:
+                     n_blobs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A noisy micrograph with dark blobs at known positions; returns (image, xy)."""
     from compute.ctf import CtfParams, ctf_2d
 
     img = rng.normal(0, 1, (size, size)).astype(np.float32)
+    n_blobs = int(rng.integers(8, 20)) if n_blobs is None else n_blobs
     xy = rng.uniform(20, size - 20, (n_blobs, 2))
     yy, xx = np.mgrid[:size, :size]
     for x, y in xy:
@@ -53,19 +54,26 @@ def micrograph_image(rng: np.random.Generator, size: int = 256, defocus_a: float
 
 def write_motioncorr(project: Path, names: list[str], motion_a: np.ndarray,
                      rng: np.random.Generator, size: int = 256,
-                     job: str = "MotionCorr/job002") -> Path:
-    for nm in names:
+                     job: str = "MotionCorr/job002", defocus_a: np.ndarray | None = None
+                     ) -> dict[str, np.ndarray]:
+    """Micrographs (blobs at random places) and ``corrected_micrographs.star``; returns
+    the blob positions of the micrographs written now."""
+    blobs = {}
+    for i, nm in enumerate(names):
         p = project / nm
         if not p.exists():
-            write_mrc(p, micrograph_image(rng, size)[0], PIXEL_A)
+            df = 15000.0 if defocus_a is None else float(defocus_a[i])
+            img, blobs[nm] = micrograph_image(rng, size, df)
+            write_mrc(p, img, PIXEL_A)
     mics = pd.DataFrame({"rlnCtfPowerSpectrum": [n.replace(".mrc", "_PS.mrc") for n in names],
                          "rlnMicrographName": names, "rlnMicrographMetadata": [
                              n.replace(".mrc", ".star") for n in names],
                          "rlnOpticsGroup": 1, "rlnAccumMotionTotal": motion_a,
                          "rlnAccumMotionEarly": motion_a * 0.6,
                          "rlnAccumMotionLate": motion_a * 0.4})
-    return write_star(project / job / "corrected_micrographs.star",
-                      {"optics": optics(), "micrographs": mics})
+    write_star(project / job / "corrected_micrographs.star",
+               {"optics": optics(), "micrographs": mics})
+    return blobs
 
 
 def write_ctffind(project: Path, names: list[str], defocus_a: np.ndarray, maxres_a: np.ndarray,
@@ -80,15 +88,22 @@ def write_ctffind(project: Path, names: list[str], defocus_a: np.ndarray, maxres
 
 
 def write_autopick(project: Path, names: list[str], counts: list[int],
-                   rng: np.random.Generator, job: str = "AutoPick/job005") -> Path:
+                   rng: np.random.Generator, job: str = "AutoPick/job005",
+                   positions: dict[str, np.ndarray] | None = None) -> Path:
+    """Coordinate files (at ``positions`` when given, else random) and ``autopick.star``."""
     coord_files = []
     for nm, n in zip(names, counts):
         rel = f"{job}/Movies/{Path(nm).stem}_autopick.star"
-        xy = rng.uniform(10, 246, (n, 2))
+        xy = positions[nm] if positions and nm in positions else rng.uniform(10, 246, (n, 2))
         write_star(project / rel, {"": pd.DataFrame({
             "rlnCoordinateX": xy[:, 0], "rlnCoordinateY": xy[:, 1],
             "rlnClassNumber": 0, "rlnAutopickFigureOfMerit": 1.0, "rlnAnglePsi": -999.0})})
         coord_files.append(rel)
+    from app.schemes.jobstar import JobStar, write_job_star
+
+    if not (project / job / "job.star").exists():
+        write_job_star(project / job / "job.star", JobStar("relion.autopick", False, False, {
+            "do_log": "Yes", "log_diam_max": "24", "do_topaz": "No"}))
     return write_star(project / job / "autopick.star", {"coordinate_files": pd.DataFrame({
         "rlnMicrographName": names, "rlnMicrographCoordinates": coord_files})})
 
@@ -168,7 +183,7 @@ def write_map(project: Path, job: str, n: int = 48, resolution_a: float = 4.2,
     write_mrc(d / name, vol, 2.0)
     if with_fsc:
         k = np.arange(n // 2 + 1) / (n * 2.0)
-        fsc = 1.0 / (1.0 + np.exp((k - 1.0 / resolution_a) * 60.0))
+        fsc = 1.0 / (1.0 + np.exp((k - 1.0 / resolution_a) * 400.0))
         write_star(d / "run_model.star", {
             "model_general": {"rlnCurrentResolution": resolution_a},
             "model_class_1": pd.DataFrame({"rlnSpectralIndex": np.arange(len(k)),
@@ -184,14 +199,14 @@ def populate(project: Path, rng: np.random.Generator, n_mics: int = 30, n_classe
     motion = rng.uniform(5, 40, n_mics)
     defocus = rng.uniform(8000, 25000, n_mics)
     maxres = rng.uniform(3, 9, n_mics)
-    picks = rng.integers(20, 120, n_mics).tolist()
-    write_motioncorr(project, names, motion, rng)
+    blobs = write_motioncorr(project, names, motion, rng, defocus_a=defocus)
+    picks = [len(blobs[n]) for n in names]
     write_ctffind(project, names, defocus, maxres)
-    write_autopick(project, names, picks, rng)
+    write_autopick(project, names, picks, rng, positions=blobs)
     c2d = write_class2d(project, n_classes, rng)
     sc = scores if scores is not None else rng.uniform(0, 1, n_classes)
     write_rank(project, sc)
     write_map(project, "InitialModel/job009", with_fsc=False)
     write_map(project, "Refine3D/job010")
     return {"names": names, "motion": motion, "defocus": defocus, "maxres": maxres,
-            "picks": picks, "scores": sc, **c2d}
+            "picks": picks, "blobs": blobs, "scores": sc, **c2d}

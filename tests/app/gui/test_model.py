@@ -125,7 +125,9 @@ def test_readers_return_what_was_written(tmp_path, rng):
     k = 1 / m.fsc_resolution_a[1:]
     assert 1 / np.interp(0.5, m.fsc[1:][::-1], k[::-1]) == pytest.approx(4.2, rel=0.05)
     v = r.micrograph_view()
-    assert v.name == info["names"][-1] and len(v.picks_xy) == info["picks"][-1]
+    assert v.name == info["names"][-1] and v.bin_factor == 1.0
+    np.testing.assert_allclose(v.picks_xy, info["blobs"][v.name], rtol=1e-5)
+    assert v.pick_diameter_px == pytest.approx(24.0)  # log_diam_max 24 Å at 1 Å/px
     assert v.spectrum.shape == (256, 256) and np.isfinite(v.spectrum).all()
 
 
