@@ -347,44 +347,33 @@ def wait_schemers_stopped(project: Path, schemes: list[str], timeout_s: float = 
 # ------------------------------------------------------------------------------------------
 
 def store_class_choices(project: Path, select_job: str | None, class2d_job: str,
-                        class_numbers: np.ndarray, selected: np.ndarray, scores: np.ndarray,
-                        reference_images: list[str], overrides: dict[int, bool]) -> list[Path]:
+                        iteration: int, class_numbers: np.ndarray, selected: np.ndarray,
+                        auto_selected: np.ndarray, scores: np.ndarray,
+                        reference_images: list[str]) -> list[Path]:
     """Write the operator's selection where the select job and the ranker read it.
 
-    - ``<Select job>/backup_selection.star``: RELION's own manual-selection file, one
-      ``rlnSelected`` (1/0) per class in class order (as ``relion_display`` writes it), so
-      re-running the select job or opening it in RELION keeps the operator's choice;
-    - ``.scopeside/ranker_feedback.star``: one row per class the operator overrode
-      (reference image, ranker score, operator label), appended to across sessions, as
-      training feedback for the class ranker.
+    - ``<Select job>/backup_selection.star``: RELION's manual-selection file, one
+      ``rlnSelected`` (1/0) per class in class order (as ``relion_display`` and the ranker's
+      select job write it), so re-running the select job or opening it in RELION keeps the
+      operator's choice;
+    - ``<Select job>/ranker_feedback.star``: every class with the ranker's score, its own
+      decision and the operator's (:func:`app.jobs.rank_select.write_feedback`), training
+      data for the class ranker.
+    Without a Select job yet (classes not ranked) both go to ``Select/manual/``.
     Returns the files written.
     """
     import pandas as pd
 
-    from metadata.star import read_star, write_star
+    from app.jobs.rank_select import write_feedback
+    from metadata.star import write_star
 
-    written = []
-    order = np.argsort(class_numbers)
-    sel_dir = project / (select_job or "Select/manual")
+    sel_dir = Path(project) / (select_job or "Select/manual")
     sel_dir.mkdir(parents=True, exist_ok=True)
-    sel = pd.DataFrame({"rlnSelected": selected[order].astype(int)})
-    written.append(write_star(sel_dir / "backup_selection.star", {"": sel}))
-    fb_path = project / ".scopeside" / "ranker_feedback.star"
-    fb_path.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, c in enumerate(class_numbers):
-        if int(c) in overrides:
-            rows.append({"rlnReferenceImage": reference_images[i] if reference_images else
-                         f"{int(c):06d}@{class2d_job}",
-                         "rlnClassNumber": int(c), "rlnClassScore": float(scores[i]),
-                         "rlnSelected": int(overrides[int(c)])})
-    new = pd.DataFrame(rows, columns=["rlnReferenceImage", "rlnClassNumber", "rlnClassScore",
-                                      "rlnSelected"])
-    if fb_path.exists():
-        old = read_star(fb_path).get("ranker_feedback")
-        if old is not None:
-            # the newest choice for an image replaces an older one
-            keep = ~old["rlnReferenceImage"].isin(set(new["rlnReferenceImage"]))
-            new = pd.concat([old[keep], new], ignore_index=True)
-    written.append(write_star(fb_path, {"ranker_feedback": new}))
-    return written
+    order = np.argsort(class_numbers)
+    backup = write_star(sel_dir / "backup_selection.star",
+                        {"": pd.DataFrame({"rlnSelected": selected[order].astype(int)})})
+    refs = reference_images or [f"{int(c):06d}@{class2d_job}" for c in class_numbers]
+    model = f"{class2d_job.rstrip('/')}/run_it{iteration:03d}_model.star"
+    fb = write_feedback(sel_dir, model, class_numbers[order], [refs[i] for i in order],
+                        scores[order], selected[order], auto_selected[order])
+    return [backup, Path(fb)]

@@ -278,8 +278,8 @@ class MonitorWindow(QtWidgets.QMainWindow):
         if d is None:
             return
         self.runner.submit(be.store_class_choices, self.project, d.select_job, d.class2d_job,
-                           d.class_numbers.copy(), m.selected(), d.scores.copy(),
-                           list(d.reference_images), dict(m.overrides),
+                           d.iteration, d.class_numbers.copy(), m.selected(), m.auto_selected(),
+                           d.scores.copy(), list(d.reference_images),
                            on_result=lambda paths: self.statusBar().showMessage(
                                "class choices stored: " + ", ".join(
                                    str(Path(p).relative_to(self.project)) for p in paths), 8000))

@@ -492,6 +492,7 @@ class ProjectReader:
             idx = np.array([int(str(r).split("@")[0]) for r in t["rlnReferenceImage"]])
         else:
             idx = np.arange(1, len(sc) + 1)
+        sc = np.where(sc <= -900, np.nan, sc)  # the ranker's -999: could not be scored
         lookup = dict(zip(idx.tolist(), sc.tolist()))
         return np.array([lookup.get(int(c), np.nan) for c in numbers])
 

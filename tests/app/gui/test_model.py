@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from app.gui import backend_adapter as be
@@ -140,21 +139,23 @@ def test_reader_errors_name_the_file(tmp_path, rng):
 
 
 def test_store_class_choices_for_select_job_and_ranker(tmp_path):
+    from app.jobs.rank_select import read_feedback
+
     numbers = np.array([3, 1, 2])
     sel = np.array([True, False, True])
+    auto = np.array([True, True, False])
     refs = [f"{c:06d}@Class2D/job007/run_it200_classes.mrcs" for c in numbers]
-    paths = be.store_class_choices(tmp_path, "Select/job008/", "Class2D/job007/", numbers, sel,
-                                   np.array([0.9, 0.1, 0.4]), refs, {1: False, 2: True})
-    backup = read_star(paths[0])[""]
-    assert backup["rlnSelected"].tolist() == [0, 1, 1]  # class order 1, 2, 3
-    fb = read_star(paths[1])["ranker_feedback"]
-    assert sorted(zip(fb["rlnClassNumber"], fb["rlnSelected"])) == [(1, 0), (2, 1)]
-    # a later choice for the same image replaces the earlier one
-    be.store_class_choices(tmp_path, "Select/job008/", "Class2D/job007/", numbers, sel,
-                           np.array([0.9, 0.1, 0.4]), refs, {1: True})
-    fb = read_star(paths[1])["ranker_feedback"]
-    assert sorted(zip(fb["rlnClassNumber"], fb["rlnSelected"])) == [(1, 1), (2, 1)]
-    assert isinstance(fb, pd.DataFrame)
+    paths = be.store_class_choices(tmp_path, "Select/job008/", "Class2D/job007/", 200, numbers,
+                                   sel, auto, np.array([0.9, 0.4, 0.1]), refs)
+    assert paths[0] == tmp_path / "Select/job008/backup_selection.star"
+    assert read_star(paths[0])[""]["rlnSelected"].tolist() == [0, 1, 1]  # classes 1, 2, 3
+    general, fb = read_feedback(paths[1])
+    assert general["rlnModelStarFile"] == "Class2D/job007/run_it200_model.star"
+    assert fb["rlnClassNumber"].tolist() == [1, 2, 3]
+    assert fb["rlnSelected"].tolist() == [0, 1, 1]
+    assert fb["rlnAutoSelected"].tolist() == [1, 0, 1]
+    np.testing.assert_allclose(fb["rlnPredictedClassScore"], [0.4, 0.1, 0.9])
+    assert fb["rlnReferenceImage"].tolist()[0].startswith("000001@")
 
 
 def test_movies_glob_from_epu_layout(tmp_path):

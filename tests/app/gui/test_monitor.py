@@ -86,13 +86,15 @@ def test_monitor_shows_outputs_and_stores_choices(qtbot, tmp_path, rng):
         worst = g.display_order()[-1]
         g.toggle(worst)  # below threshold -> included by hand
         backup = tmp_path / "Select/job008/backup_selection.star"
-        qtbot.waitUntil(backup.exists, timeout=10000)
+        feedback = tmp_path / "Select/job008/ranker_feedback.star"  # written last
+        qtbot.waitUntil(feedback.exists, timeout=10000)
         sel = read_star(backup)[""]["rlnSelected"].to_numpy()
         expect = (scores >= g.model.threshold).astype(int)
         expect[worst - 1] = 1
         np.testing.assert_array_equal(sel, expect)
-        fb = read_star(tmp_path / ".scopeside/ranker_feedback.star")["ranker_feedback"]
-        assert fb["rlnClassNumber"].tolist() == [worst] and fb["rlnSelected"].tolist() == [1]
+        fb = read_star(feedback)["feedback"]
+        assert fb["rlnSelected"].to_numpy().tolist() == expect.tolist()
+        assert fb["rlnAutoSelected"].sum() == expect.sum() - 1
 
         # a damaged file is a message, the window keeps working
         (tmp_path / "CtfFind/job003/micrographs_ctf.star").write_text("data_micrographs\nloop_\n")
