@@ -335,7 +335,8 @@ def simulate_particles(
         Fraction of images that are junk, spread evenly over ``junk_kinds``.
     snr : float
         Mean variance of the clean true-particle images over the whole box divided by the
-        noise variance (``inf`` for no noise).
+        noise variance (``inf`` for no noise); the noise level is set from the true particles
+        of the first chunk (2048 images at 64 px, fewer for big boxes).
     defocus_um, astigmatism_a, phase_shift_deg, bfactor_a2
         A number or a ``(low, high)`` uniform range; mean defocus in um, astigmatism
         |U - V| in A, phase shift in degrees, CTF B-factor (envelope exp(-B k^2/4)) in A^2.
@@ -504,8 +505,10 @@ def simulate_particles(
     clean_all = None
     if return_clean:
         clean_all = xp.empty((n, box, box), dtype=np.float32)
-    for start in range(0, n, _CHUNK):
-        stop = min(n, start + _CHUNK)
+    # bound the Fourier work arrays (~200 MB per chunk) whatever the box
+    chunk = int(max(64, min(_CHUNK, 2e8 // (box * (box // 2 + 1) * 8))))
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
         F = xp.zeros((stop - start, box, box // 2 + 1), dtype=np.complex64)
         chunk_comps = [c for i in range(start, stop) for c in by_image[i]]
         # rank of each component within its image: one rank at a time, image indices are
