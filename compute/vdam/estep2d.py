@@ -497,9 +497,13 @@ class Estep2D:
             ramp_b = self._ramp[xp.asarray(bt)]
             diff = Xs[c0:c1] * ramp_b - cx * Wb
             d2 = (diff.real**2 + diff.imag**2) * xp.asarray(self._mult)
-            s2_sum += xp.bincount(shell_x.repeat(1), weights=d2.sum(0).astype(np.float64),
+            # robust to outliers (ice, carbon): particles whose whitened residual is more than
+            # 3x the chunk's median do not enter the noise estimate
+            chi = (d2 / xp.maximum(s2, 1e-30)).sum(1)
+            inl = chi <= 3.0 * xp.median(chi)
+            s2_sum += xp.bincount(shell_x, weights=d2[inl].sum(0).astype(np.float64),
                                   minlength=self.n_shells)
-            s2_cnt += cnt_shell * b
+            s2_cnt += cnt_shell * float(inl.sum())
             tick("accumulate")
         if not accumulate:
             return None, res
