@@ -134,8 +134,15 @@ class Class2DJob(Job):
             seed=int(ctx.get("random_seed", 1)))
         if params.psi_step_deg <= 0 or params.offset_step_px <= 0 or params.offset_range_px < 0:
             raise UserError("psi_sampling and offset_step must be > 0, offset_range >= 0")
+        xp = np
+        if bool(ctx.get("use_gpu", False)) or str(ctx.get("gpu_ids", "") or "").strip():
+            if be.gpu_available():
+                xp = be.get_xp("gpu")
+                ctx.info("running on the GPU")
+            else:
+                ctx.warning("a GPU was requested but none is usable; running on the CPU")
         try:
-            clf = Classify2D(src, params)
+            clf = Classify2D(src, params, xp=xp)
         except ComputeError as exc:
             raise UserError(f"{star}: {exc}") from None
         writer = Class2DWriter(ctx, src, clf, star)
