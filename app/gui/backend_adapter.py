@@ -222,6 +222,9 @@ def create_project(settings: dict[str, Any], session_path: Path | None,
     if (project / "Schemes").exists():
         raise UserError(f"{project}: already a project; use 'Open project' to monitor it")
     ps = processing_settings(settings, session_path, movie_path)
+    template = settings.get("slurm_template")
+    if settings.get("executor") == "slurm" and not (template and Path(template).is_file()):
+        raise UserError(f"SLURM template {template!r} is not a file")
     try:
         project.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -231,7 +234,17 @@ def create_project(settings: dict[str, Any], session_path: Path | None,
         (project / "Movies").symlink_to(src if src.is_dir() else src.parent,
                                         target_is_directory=True)
     api.create_project(project, ps)
+    if settings.get("executor") == "slurm":
+        _write_executor_settings(project, str(template))
     return project
+
+
+def _write_executor_settings(project: Path, template: str) -> None:
+    """The project's ``scopeside.toml``: run this project's jobs through SLURM."""
+    import tomli_w
+
+    data = {"executor": {"kind": "slurm", "slurm_template": str(Path(template).resolve())}}
+    (project / "scopeside.toml").write_text(tomli_w.dumps(data), encoding="utf-8")
 
 
 def create_and_start(settings: dict[str, Any], session_path: Path | None,
@@ -260,8 +273,10 @@ _children: list[subprocess.Popen] = []
 def start_scheme(project: Path, scheme: str) -> int:
     """Start the schemer for ``scheme`` as a detached process; returns its pid.
 
-    The process is ``python -m app.gui.run_scheme PROJECT SCHEME`` in its own session
-    (closing the GUI does not stop it); its output goes to ``Schemes/<S>/schemer.log``.
+    The process is ``python -m app.cli -v schemer --project P --scheme S --run`` (the same
+    command line a user scripts) in its own session, so closing the GUI does not stop it;
+    its output goes to ``Schemes/<S>/schemer.log``. The executor is the project's setting
+    (``scopeside.toml``, written by :func:`create_project`).
     """
     from app.schemes import api
 
@@ -273,7 +288,8 @@ def start_scheme(project: Path, scheme: str) -> int:
         raise UserError(f"scheme {scheme} is already running")
     api.status(project, scheme)  # fails early (clear message) on a broken scheme.star
     log_path = project / "Schemes" / scheme / "schemer.log"
-    cmd = [sys.executable, "-m", "app.gui.run_scheme", str(project), scheme]
+    cmd = [sys.executable, "-m", "app.cli", "-v", "schemer", "--project", str(project),
+           "--scheme", scheme, "--run"]
     with open(log_path, "ab") as fh:
         proc = subprocess.Popen(cmd, cwd=project, env=_env(), stdin=subprocess.DEVNULL,
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from app.errors import UserError
 from app.gui import backend_adapter as be
 from app.gui.model import (
     CONFIRMED,
@@ -177,3 +178,23 @@ def test_scores_only_from_the_ranker_of_that_class2d_job(tmp_path, rng):
     g = ProjectReader(tmp_path).gallery()
     assert g.select_job == "Select/job012/"
     np.testing.assert_allclose(g.scores, np.linspace(0, 1, 6), atol=1e-6)
+
+
+def test_create_project_with_slurm_writes_the_project_executor(tmp_path):
+    from app.settings import load_settings
+
+    base = {"pixel_size_a": 1.0, "voltage_kv": 300.0, "cs_mm": 2.7, "dose_per_frame_e_a2": 1.0,
+            "particle_diameter_a": 150.0, "executor": "slurm"}
+    with pytest.raises(UserError, match="SLURM template"):
+        be.create_project({**base, "project_dir": str(tmp_path / "p1"),
+                           "slurm_template": str(tmp_path / "missing.sh")}, None)
+    assert not (tmp_path / "p1").exists()  # nothing half-made
+    tpl = tmp_path / "sbatch.sh"
+    tpl.write_text("#!/bin/bash\n#SBATCH -p XXXqueueXXX\nXXXcommandXXX\n")
+    p = be.create_project({**base, "project_dir": str(tmp_path / "p2"),
+                           "slurm_template": str(tpl)}, None)
+    s = load_settings(p)
+    assert s.executor.kind == "slurm" and s.executor.slurm_template == tpl
+    from app.schemes.jobstar import read_job_star
+
+    assert read_job_star(p / "Schemes/proc/class2d/job.star").options["do_queue"] == "Yes"

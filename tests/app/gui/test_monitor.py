@@ -213,3 +213,35 @@ def test_start_watch_abort_close_and_reopen(qtbot, tmp_path, fake_jobs_env):
                 if be.scheme_running(project, s):
                     be.abort_scheme(project, s)
             be.wait_schemers_stopped(project, ["prep", "proc"], timeout_s=30)
+
+
+def test_edit_variable_and_threshold_reach_the_scheme(qtbot, tmp_path):
+    from app.schemes import api
+    from app.schemes.jobstar import read_job_star
+
+    project = be.create_project({"pixel_size_a": 1.0, "voltage_kv": 300.0, "cs_mm": 2.7,
+                                 "dose_per_frame_e_a2": 1.0, "particle_diameter_a": 150.0,
+                                 "project_dir": str(tmp_path / "p")}, None)
+    win = MonitorWindow(project, interval_ms=300)
+    qtbot.addWidget(win)
+    win.show()
+    try:
+        qtbot.waitUntil(lambda: "prep" in win.panels and win.panels["prep"].vars.rowCount() > 0,
+                        timeout=20000)
+        panel = win.panels["prep"]
+        row = next(r for r in range(panel.vars.rowCount())
+                   if panel.vars.item(r, 0).text() == "wait_sec")
+        panel.vars.item(row, 2).setText("soon")  # an invalid value: a message, no change
+        qtbot.waitUntil(lambda: any("wait_sec" in m for m in win.notes.messages("error")),
+                        timeout=20000)
+        assert api.status(project, "prep")["variables"]["wait_sec"]["value"] == 180
+        panel.vars.item(row, 2).setText("5")
+        qtbot.waitUntil(lambda: api.status(project, "prep")["variables"]["wait_sec"]["value"]
+                        == 5, timeout=20000)
+        win.gallery.set_threshold(0.33)
+        win.gallery.apply_btn.click()
+        js = project / "Schemes/proc/select_parts/job.star"
+        qtbot.waitUntil(lambda: read_job_star(js).options["rank_threshold"] == "0.33",
+                        timeout=20000)
+    finally:
+        win.close()
