@@ -260,3 +260,14 @@ def _reset_for_tests() -> None:
     global _gpu_ok, _cupy_checked, _cupy
     _gpu_ok = None
     _chosen.clear()
+
+
+def ndimage_of(a: Any) -> ModuleType:
+    """``scipy.ndimage`` for NumPy arrays, ``cupyx.scipy.ndimage`` for CuPy arrays."""
+    if is_cupy_array(a):
+        import cupyx.scipy.ndimage as cnd  # noqa: PLC0415
+
+        return cnd
+    import scipy.ndimage as snd  # noqa: PLC0415
+
+    return snd
