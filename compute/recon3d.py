@@ -149,7 +149,7 @@ def reconstruct(images, rotations, ctf=None, origins_px=None, pad: int = 2, regu
     (the image is shifted by +origin to centre it before insertion).
     """
     xp = xp_of(images)
-    n_img, N = images.shape[0], images.shape[-1]
+    N = images.shape[-1]
     if images.shape[-2] != N:
         raise ComputeError("reconstruct needs square images")
     F = images_to_centred_ft(images.astype(np.float32))
