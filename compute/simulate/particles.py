@@ -255,29 +255,36 @@ def _lowpass_noise(rng: np.random.Generator, box: int, corr_px: float) -> np.nda
     return n / max(n.std(), 1e-12)
 
 
-def ice_blob(rng: np.random.Generator, box: int, amplitude: float) -> np.ndarray:
-    """A dense, soft-edged contamination blob (positive = white after extraction)."""
+def ice_blob(rng: np.random.Generator, box: int, amplitude: float, pad: int = 0) -> np.ndarray:
+    """A dense, soft-edged contamination blob (positive = white after extraction).
+
+    ``pad`` renders the same blob (placed relative to the central ``box``) on a canvas of
+    ``box + 2 pad`` pixels, so a CTF applied to it has room for its fringes.
+    """
+    n = box + 2 * pad
     r = rng.uniform(0.2, 0.6) * box
-    cy, cx = box / 2 + rng.uniform(-0.35, 0.35, 2) * box
-    yy, xx = np.mgrid[0:box, 0:box]
+    cy, cx = box / 2 + rng.uniform(-0.35, 0.35, 2) * box + pad
+    yy, xx = np.mgrid[0:n, 0:n]
     # irregular outline: radius modulated with angle
     th = np.arctan2(yy - cy, xx - cx)
     k = rng.integers(2, 5)
     rr = r * (1 + 0.15 * np.sin(k * th + rng.uniform(0, 2 * np.pi)))
     d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
     m = 0.5 - 0.5 * np.tanh((d - rr) / 1.5)
-    tex = 1 + 0.15 * _lowpass_noise(rng, box, 3.0)
+    tex = 1 + 0.15 * _lowpass_noise(rng, n, 3.0)
     return (amplitude * m * tex).astype(np.float32)
 
 
-def carbon_edge(rng: np.random.Generator, box: int, amplitude: float) -> np.ndarray:
-    """A textured half-plane (carbon film) with a soft straight edge crossing the box."""
+def carbon_edge(rng: np.random.Generator, box: int, amplitude: float, pad: int = 0) -> np.ndarray:
+    """A textured half-plane (carbon film) with a soft straight edge crossing the box
+    (``pad``: rendered on a ``box + 2 pad`` canvas, as :func:`ice_blob`)."""
+    n = box + 2 * pad
     th = rng.uniform(0, 2 * np.pi)
     off = rng.uniform(-0.3, 0.3) * box
-    yy, xx = np.mgrid[0:box, 0:box] - box / 2
+    yy, xx = np.mgrid[0:n, 0:n] - (box / 2 + pad)
     s = xx * np.cos(th) + yy * np.sin(th) - off
     m = 0.5 + 0.5 * np.tanh(s / 1.0)
-    tex = 1 + 0.3 * _lowpass_noise(rng, box, 1.5)
+    tex = 1 + 0.3 * _lowpass_noise(rng, n, 1.5)
     return (amplitude * m * tex).astype(np.float32)
 
 
@@ -489,10 +496,14 @@ def simulate_particles(
         ref = projector(0).project(random_rotations(8, extra_rng))
         peak = float(np.mean([be.to_numpy(r).max() for r in ref]))
         for i in np.nonzero(np.isin(kind, ("ice", "carbon")))[0]:
+            # rendered on a 2x canvas: the CTF fringes of these extended objects must not
+            # wrap around the box (extraction crops them from a whole micrograph)
             if kind[i] == "ice":
-                real_junk[i] = ice_blob(extra_rng, box, peak * extra_rng.uniform(2.0, 5.0))
+                real_junk[i] = ice_blob(extra_rng, box, peak * extra_rng.uniform(2.0, 5.0),
+                                        pad=box // 2)
             else:
-                real_junk[i] = carbon_edge(extra_rng, box, peak * extra_rng.uniform(0.7, 1.5))
+                real_junk[i] = carbon_edge(extra_rng, box, peak * extra_rng.uniform(0.7, 1.5),
+                                           pad=box // 2)
 
     # --- render chunk by chunk ---
     by_image: list[list[_Component]] = [[] for _ in range(n)]
@@ -531,12 +542,17 @@ def simulate_particles(
                     Fc = P.slices(xp.asarray(rr[b:b + 1024]))
                     Fc *= phase_shift_grid(box, xp.asarray(oo[b:b + 1024]), xp)
                     F[xp.asarray(idx[b:b + 1024])] += Fc
-        for i, img in real_junk.items():
-            if start <= i < stop:
-                F[i - start] += be.rfft2(xp.asarray(img)).astype(np.complex64)
         if apply_ctf:
             F *= ctf_batch((box, box), ps, ctf.take(slice(start, stop)), xp=xp)
         clean = be.irfft2(F, s=(box, box)).astype(np.float32)
+        pad = box // 2
+        for i, img in real_junk.items():
+            if start <= i < stop:
+                big = xp.asarray(img)
+                if apply_ctf:
+                    cb = ctf_batch(big.shape, ps, ctf.take(slice(i, i + 1)), xp=xp)[0]
+                    big = be.irfft2(be.rfft2(big) * cb, s=big.shape)
+                clean[i - start] += big[pad:pad + box, pad:pad + box].astype(np.float32)
         if sigma is None:
             good = xp.asarray(kind[start:stop] == GOOD)
             pool = clean[good] if bool(good.any()) else clean
