@@ -298,12 +298,14 @@ class Classify2D:
         """Assign every particle (class, psi, origin, P_max) with the final references."""
         n = self.source.n_particles
         chunk = self.params.em_batch
+        t0 = time.perf_counter()
         for c0 in range(0, n, chunk):
             idx = np.arange(c0, min(n, c0 + chunk))
             idx = idx[~self.bad[idx]]
             self._estep(idx, accumulate=False)
             if progress is not None:
                 progress(min(n, c0 + chunk), n)
+        self.total_seconds += time.perf_counter() - t0
         return self.results
 
     # -- checkpoints ---------------------------------------------------------------------------
