@@ -426,6 +426,8 @@ class SchemeState:
     strings: dict[str, str] = field(default_factory=dict)
     jobs: list[JobState] = field(default_factory=list)
     error: str | None = None
+    #: the scheme's nodes in the order its edges visit them from the start (forks: both)
+    nodes: list[str] = field(default_factory=list)
 
     @property
     def variables(self) -> list[tuple[str, str, Any]]:

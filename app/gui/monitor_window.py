@@ -44,6 +44,11 @@ class SchemePanel(QtWidgets.QWidget):
         self.state: SchemeState | None = None
         self.header = QtWidgets.QLabel(f"{name}: …")
         self.header.setObjectName("schemeHeader")
+        self.header.setWordWrap(True)
+        self.graph = QtWidgets.QLabel("")
+        self.graph.setObjectName("schemeGraph")
+        self.graph.setWordWrap(True)
+        self.graph.setToolTip("the scheme's nodes from the start; the current one highlighted")
         self.start_btn = QtWidgets.QPushButton("Start")
         self.abort_btn = QtWidgets.QPushButton("Abort")
         self.reset_btn = QtWidgets.QPushButton("Reset")
@@ -82,6 +87,7 @@ class SchemePanel(QtWidgets.QWidget):
         split.setSizes([200, 200, 160])
         lay = QtWidgets.QVBoxLayout(self)
         lay.addWidget(self.header)
+        lay.addWidget(self.graph)
         lay.addLayout(buttons)
         lay.addWidget(split, 1)
         self._updating = False
@@ -92,6 +98,9 @@ class SchemePanel(QtWidgets.QWidget):
         self.header.setText(f"<b>{st.name}</b> · {run} · current node <b>{st.current_node}</b>"
                             + (f"<br><span style='color:#ec7063'>{st.error}</span>"
                                if st.error else ""))
+        self.graph.setText(" → ".join(
+            f"<b style='color:#f4d03f'>[{n}]</b>" if n == st.current_node else n
+            for n in st.nodes))
         self.start_btn.setEnabled(not st.running)
         self.abort_btn.setEnabled(st.running)
         self.reset_btn.setEnabled(not st.running)

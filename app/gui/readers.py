@@ -180,6 +180,7 @@ class ProjectReader:
             # e.g. scheme.star being replaced this instant: report, keep the last view
             return SchemeState(name, "?", lock_is_live(self.project, name), error=str(exc))
         st = SchemeState(name, str(d.get("current_node", "undefined")), bool(d.get("running")))
+        st.nodes = node_order(d.get("edges") or [])
         if d.get("state") in ("failed", "aborted") and d.get("message"):
             st.error = f"{d['state']}: {d['message']}"
         for var, v in (d.get("variables") or {}).items():
@@ -533,6 +534,26 @@ class ProjectReader:
             if g is not None and "rlnCurrentResolution" in g:
                 out.resolution_a = float(g.iloc[0]["rlnCurrentResolution"])
         return out
+
+
+def node_order(edges: list[dict]) -> list[str]:
+    """Nodes reachable from the first edge's input, breadth-first (fork targets included)."""
+    if not edges:
+        return []
+    nxt: dict[str, list[str]] = {}
+    for e in edges:
+        outs = [str(e.get("output"))]
+        if e.get("is_fork") and e.get("output_if_true") not in (None, "", "undefined"):
+            outs.append(str(e["output_if_true"]))
+        nxt.setdefault(str(e.get("input")), []).extend(outs)
+    order, queue = [], [str(edges[0].get("input"))]
+    while queue:
+        n = queue.pop(0)
+        if n in order or n in ("", "undefined", "None"):
+            continue
+        order.append(n)
+        queue.extend(nxt.get(n, []))
+    return order
 
 
 def _require(df: pd.DataFrame, cols: tuple[str, ...], path: Path) -> None:

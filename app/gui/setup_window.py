@@ -20,6 +20,15 @@ STATE_STYLE = {MISSING: "missing", IMPLAUSIBLE: "implausible", DERIVED: "derived
                CONFIRMED: "confirmed"}
 
 
+def _newest_in_root() -> tuple[Path, Path] | None:
+    """(sessions root, its newest session folder) when a root is configured (worker)."""
+    root = be.sessions_root()
+    if root is None:
+        return None
+    newest = be.newest_session(root)
+    return (Path(root), newest) if newest is not None else None
+
+
 class FieldRow:
     """Editor, unit, source and confirm box of one form field."""
 
@@ -195,6 +204,16 @@ class SetupWindow(QtWidgets.QMainWindow):
         scroll.setWidget(body)
         self.setCentralWidget(scroll)
         self.refresh()
+        self.runner.submit(_newest_in_root, on_result=self._offer)
+
+    def _offer(self, found: tuple[Path, Path] | None) -> None:
+        """Prefill the newest session of the configured sessions root (not read yet)."""
+        if found is None or self.session_edit.text().strip():
+            return
+        root, newest = found
+        self.session_edit.setText(str(newest))
+        self.session_info.setText(f"Newest session in {root}: {newest.name}. Press "
+                                  "'Read session' to read it, or choose another.")
 
     def _group(self, title: str, keys: list[str]) -> QtWidgets.QGroupBox:
         box = QtWidgets.QGroupBox(title)
@@ -260,8 +279,7 @@ class SetupWindow(QtWidgets.QMainWindow):
             self.session_edit.setText(str(path))
             self.parse_clicked()
 
-        self.runner.submit(lambda: (be.newest_session(r) if (r := be.sessions_root()) else None),
-                           on_result=found)
+        self.runner.submit(lambda: (f[1] if (f := _newest_in_root()) else None), on_result=found)
 
     def parse_clicked(self) -> None:
         text = self.session_edit.text().strip()

@@ -198,3 +198,13 @@ def test_create_project_with_slurm_writes_the_project_executor(tmp_path):
     from app.schemes.jobstar import read_job_star
 
     assert read_job_star(p / "Schemes/proc/class2d/job.star").options["do_queue"] == "Yes"
+
+
+def test_node_order_follows_edges_and_forks():
+    from app.gui.readers import node_order
+
+    edges = [{"input": "WAIT", "output": "HAS", "is_fork": False},
+             {"input": "HAS", "output": "WAIT", "is_fork": True, "output_if_true": "select"},
+             {"input": "select", "output": "WAIT", "is_fork": False}]
+    assert node_order(edges) == ["WAIT", "HAS", "select"]
+    assert node_order([]) == []

@@ -124,3 +124,21 @@ def test_bad_inputs_give_messages_not_crashes(qtbot, win, tmp_path):
 def test_open_project_that_is_not_one(qtbot, win, tmp_path):
     win.open_project(str(tmp_path))
     assert "not a scopeside/RELION project" in win.notes.messages("error")[0]
+
+
+def test_newest_session_of_the_configured_root_is_offered(qtbot, tmp_path, monkeypatch):
+    import os
+
+    root = tmp_path / "sessions"
+    for i, name in enumerate(("old_session", "new_session")):
+        (root / name).mkdir(parents=True)
+        os.utime(root / name, (1_700_000_000 + i * 100, 1_700_000_000 + i * 100))
+    cfg = tmp_path / "site.toml"
+    cfg.write_text(f'[paths]\nsessions_root = "{root}"\n')
+    monkeypatch.setenv("SCOPESIDE_CONFIG", str(cfg))
+    w = SetupWindow(start_schemes=False)
+    qtbot.addWidget(w)
+    qtbot.waitUntil(lambda: w.session_edit.text() != "", timeout=10000)
+    assert w.session_edit.text() == str(root / "new_session")
+    assert "Newest session" in w.session_info.text()
+    w.close()
