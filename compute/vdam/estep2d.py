@@ -484,12 +484,11 @@ class Estep2D:
                 acc2 = _sparse_rows_sum(xp, r_p * T + t_idx, kr, v, Ym, K * R)    # (KR, 2F)
                 acc = acc2[:, :F] + 1j * acc2[:, F:]
                 # gradient numerator: subtract the model, sum_i w_i c_i^2/sigma2 * W_kpsi
-                wkr = np.bincount(r_p * (K * R) + kr, weights=v,
-                                  minlength=b * K * R).reshape(b, K * R)
-                wkrx = xp.asarray(wkr.astype(np.float32))
-                model = (wkrx.T @ (cx * cx)) * W.reshape(K * R, F)
+                # (the (class, psi) x particle weights are sparse: same product as above)
+                model = _sparse_rows_sum(xp, r_p, kr, v, cx * cx, K * R) * W.reshape(K * R, F)
                 data_sum[h - 1] += ((acc - model) * mult).reshape(K, R, F)
-                wkx = xp.asarray(wkr.reshape(b, K, R).sum(-1))
+                wk = np.bincount(r_p * K + kr // R, weights=v, minlength=b * K).reshape(b, K)
+                wkx = xp.asarray(wk)
                 weight_shell[h - 1] += wkx.T @ per_shell.astype(np.float64)
                 class_w[h - 1] += wkx.sum(0)
             # residual power at the best hypothesis, per shell
