@@ -19,15 +19,22 @@ movie paths relative to ``out``), ``coordinates_truth.star`` (every particle's f
 position) and per movie ``<stem>.json`` + ``<stem>_shifts.star``.
 
 Movies are written whole under a hidden ``.<name>.part`` name and renamed when complete.
-Drip-feeding (``interval_s > 0``): movies appear one by one, ``interval_s`` apart, as on a
-microscope; with ``grow=True`` a movie instead grows in place over ``interval_s / 2``, like
-a camera writing frames (readers must wait for it to stop changing).
+Drip-feeding (``interval_s > 0``): the whole session is first generated in a hidden sibling
+folder ``.<out>.staging`` (and ``.<movie_root>.staging``); then the session-level files
+(EpuSession.dm, grid-square / foil-hole images, gain, defects, ground truth) appear at once
+and the acquisitions follow ``interval_s`` apart, each as its metadata file (XML / mdoc)
+and then its movie, renamed into place whole or, with ``grow=True``, growing in place over
+``interval_s / 2`` like a camera writing frames (readers must wait for it to stop changing).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,26 +122,56 @@ def _make_movie(spec: SessionSpec, i: int, detector):
     )
 
 
-def _write_movie_file(path: Path, mv, spec: SessionSpec, grow_s: float, seed: int) -> None:
-    kw = dict(eer_frames_per_fraction=spec.eer_frames_per_fraction,
-              exposure_time_s=spec.exposure_time_s, seed=seed,
-              hot_pixels=mv.truth.hot_pixels)
-    frames = to_numpy(mv.frames)
-    if grow_s <= 0:
-        write_movie(path, frames, spec.pixel_size_a, spec.movie_format, **kw)
-        return
-    # write the complete file aside, then copy it into place in chunks (the file grows)
-    tmp = path.with_name(f".{path.name}.full")
-    write_movie(tmp, frames, spec.pixel_size_a, spec.movie_format, **kw)
-    data = tmp.read_bytes()
-    tmp.unlink()
-    n = 4
-    step = -(-len(data) // n)
-    with open(path, "wb") as fh:
-        for k in range(n):
+def _write_movie_file(path: Path, mv, spec: SessionSpec, seed: int) -> None:
+    write_movie(path, to_numpy(mv.frames), spec.pixel_size_a, spec.movie_format,
+                eer_frames_per_fraction=spec.eer_frames_per_fraction,
+                exposure_time_s=spec.exposure_time_s, seed=seed,
+                hot_pixels=mv.truth.hot_pixels)
+
+
+def _staging(path: Path) -> Path:
+    """A hidden sibling folder (same file system, so moves out of it are atomic renames)."""
+    return path.with_name(f".{path.name}.staging")
+
+
+def _move(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+
+
+def _grow(src: Path, dst: Path, seconds: float, steps: int = 4) -> None:
+    """Copy ``src`` to ``dst`` in ``steps`` chunks over ``seconds`` (a file being written)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    data = src.read_bytes()
+    step = -(-len(data) // steps)
+    with open(dst, "wb") as fh:
+        for k in range(steps):
             fh.write(data[k * step:(k + 1) * step])
             fh.flush()
-            time.sleep(grow_s / n)
+            time.sleep(seconds / steps)
+    src.unlink()
+
+
+def _replay(static: list[tuple[Path, Path]], shots: list[tuple[Path, Path, Path, Path]],
+            interval_s: float, grow: bool) -> None:
+    """Move staged files into place like a running microscope: ``static`` files at once,
+    then per acquisition (``interval_s`` apart) its metadata file, then its movie (renamed
+    whole, or grown in place over ``interval_s / 2``)."""
+    for src, dst in static:
+        _move(src, dst)
+    for k, (meta_src, meta_dst, movie_src, movie_dst) in enumerate(shots):
+        if k:
+            time.sleep(interval_s)
+        _move(meta_src, meta_dst)
+        if grow:
+            _grow(movie_src, movie_dst, interval_s / 2)
+        else:
+            _move(movie_src, movie_dst)
+
+
+def _static_files(stage: Path, dest: Path, moving: set[Path]) -> list[tuple[Path, Path]]:
+    return [(f, dest / f.relative_to(stage)) for f in sorted(stage.rglob("*"))
+            if f.is_file() and f not in moving]
 
 
 class _Truth:
@@ -193,6 +230,33 @@ def write_epu_session_sim(
         raise UserError(f"EPU sessions are written with tiff, mrc or eer movies, not "
                         f"{spec.movie_format!r}")
     out = Path(out)
+    if interval_s > 0:
+        # generate everything first, then let it appear on the microscope's schedule
+        stage = _staging(out)
+        mstage = _staging(Path(movie_root)) if movie_root is not None else None
+        for d in (stage, mstage):
+            if d is not None and d.exists():
+                shutil.rmtree(d)
+        staged = write_epu_session_sim(stage, spec, n_grid_squares=n_grid_squares,
+                                       holes_per_square=holes_per_square,
+                                       shots_per_hole=shots_per_hole, movie_root=mstage,
+                                       command=command, progress=progress)
+        mdest = Path(movie_root) if movie_root is not None else out
+        mst = mstage if mstage is not None else stage
+        final = [dataclasses.replace(m, xml_path=out / m.xml_path.relative_to(stage),
+                                     movie_path=mdest / m.movie_path.relative_to(mst))
+                 for m in staged]
+        moving = {m.xml_path for m in staged} | {m.movie_path for m in staged}
+        static = _static_files(stage, out, moving)
+        if mstage is not None:
+            static += _static_files(mstage, mdest, moving)
+        _replay(static, [(a.xml_path, b.xml_path, a.movie_path, b.movie_path)
+                         for a, b in zip(staged, final)], interval_s, grow)
+        _fix_session_json(out, mdest)
+        for d in (stage, mstage):
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
+        return final
     mroot = Path(movie_root) if movie_root is not None else out
     detector = _detector(spec)
     truth = _Truth(out)
@@ -215,16 +279,13 @@ def write_epu_session_sim(
     def writer(mpath: Path, info) -> None:
         i = counter["i"]
         counter["i"] += 1
-        if interval_s > 0 and i > 0:
-            time.sleep(interval_s)
         mv = _make_movie(spec, i, detector)
         c = mv.truth.micrograph.ctf
         # the XML carries this movie's nominal defocus (EPU writes the applied defocus)
         nominal = -round(c.defocus_mean_a / 1e4 * 4) / 4  # nearest 0.25 um, negative = under
         write_epu_movie_xml(info.xml_path, acquired_at=info.acquired_at, defocus_um=nominal,
                             **xml_kw)
-        # written whole under a hidden name, then renamed (writers do this), or grown in place
-        _write_movie_file(mpath, mv, spec, interval_s / 2 if grow else 0.0, i)
+        _write_movie_file(mpath, mv, spec, i)  # whole, under a hidden name, then renamed
         name = _relative(mpath, out)
         truth.add(name, mpath.name.removesuffix(_EPU_SUFFIX[spec.movie_format]), mv)
         if progress:
@@ -238,6 +299,13 @@ def write_epu_session_sim(
                         "gain_reference": "gain_reference.mrc", "defects": "defects.txt",
                         "n_movies": len(movies)})
     return movies
+
+
+def _fix_session_json(out: Path, movie_root: Path) -> None:
+    p = out / "ground_truth" / "session.json"
+    js = json.loads(p.read_text(encoding="utf-8"))
+    js["movie_root"] = str(movie_root)
+    p.write_text(json.dumps(js, indent=1), encoding="utf-8")
 
 
 def _relative(p: Path, root: Path) -> str:
@@ -267,6 +335,18 @@ def write_serialem_session_sim(
         raise UserError(f"SerialEM sessions are written with tiff, mrc or eer movies, not "
                         f"{spec.movie_format!r}")
     out = Path(out)
+    if interval_s > 0:
+        stage = _staging(out)
+        if stage.exists():
+            shutil.rmtree(stage)
+        staged = write_serialem_session_sim(stage, spec, n_movies=n_movies, prefix=prefix,
+                                            command=command, progress=progress)
+        final = [(out / m.name, out / d.name) for m, d in staged]
+        moving = {p for pair in staged for p in pair}
+        _replay(_static_files(stage, out, moving),
+                [(d, fd, m, fm) for (m, d), (fm, fd) in zip(staged, final)], interval_s, grow)
+        shutil.rmtree(stage, ignore_errors=True)
+        return final
     out.mkdir(parents=True, exist_ok=True)
     detector = _detector(spec)
     gain_name = f"CountRef_{prefix}.mrc"
@@ -277,12 +357,10 @@ def write_serialem_session_sim(
     start = _dt.datetime(2024, 5, 17, 10, 30, 0)
     written = []
     for i in range(n_movies):
-        if interval_s > 0 and i > 0:
-            time.sleep(interval_s)
         mv = _make_movie(spec, i, detector)
         stem = f"{prefix}_{i + 1:05d}"
         mpath = out / f"{stem}.{ext}"
-        _write_movie_file(mpath, mv, spec, interval_s / 2 if grow else 0.0, i)
+        _write_movie_file(mpath, mv, spec, i)
         c = mv.truth.micrograph.ctf
         mdoc = write_mdoc(
             out / f"{mpath.name}.mdoc", variant="frame", pixel_size_a=spec.pixel_size_a,

@@ -99,12 +99,36 @@ def test_epu_session_is_read_by_metadata(tmp_path):
 
 
 def test_serialem_session_with_drip(tmp_path):
+    import threading
+    import time
+
     from metadata.session import item_record, open_session
 
-    written = write_serialem_session_sim(tmp_path, TINY, n_movies=2, interval_s=0.3)
+    seen: dict[str, float] = {}
+    done = threading.Event()
+
+    def sweep():
+        for f in sorted(tmp_path.glob("sim_*")):
+            seen.setdefault(f.name, time.monotonic())
+
+    def watch():  # what an on-the-fly watcher would see, polled every 10 ms
+        while not done.is_set():
+            sweep()
+            time.sleep(0.01)
+
+    th = threading.Thread(target=watch)
+    th.start()
+    try:
+        written = write_serialem_session_sim(tmp_path, TINY, n_movies=2, interval_s=0.4)
+    finally:
+        done.set()
+        th.join()
+    sweep()
     (m1, d1), (m2, d2) = written
-    assert m2.stat().st_mtime - m1.stat().st_mtime >= 0.25
-    assert not list(tmp_path.glob(".*.part"))
+    assert seen[m2.name] - seen[m1.name] >= 0.3
+    assert seen[d1.name] <= seen[m1.name] and seen[d2.name] <= seen[m2.name]
+    assert not list(tmp_path.glob(".*.part")) and not tmp_path.with_name(
+        f".{tmp_path.name}.staging").exists()
     idx = open_session(tmp_path)
     assert idx.kind == "serialem" and idx.n_movies == 2
     rec = item_record(idx.items[1])
@@ -114,6 +138,19 @@ def test_serialem_session_with_drip(tmp_path):
     assert len([x for x in lines if x]) == 4
     shifts = read_star(tmp_path / "ground_truth" / "sim_00001_shifts.star")["global_shift"]
     assert len(shifts) == 4 and shifts["rlnMicrographShiftX"][0] == 0
+
+
+def test_epu_drip_with_growing_movies(tmp_path):
+    out, store = tmp_path / "epu", tmp_path / "store"
+    movies = write_epu_session_sim(out, TINY, holes_per_square=1, shots_per_hole=2,
+                                   movie_root=store, interval_s=0.2, grow=True)
+    assert all(m.movie_path.is_file() and m.xml_path.is_file() for m in movies)
+    assert all(m.movie_path.is_relative_to(store) for m in movies)
+    assert (store / "gain_reference.mrc").is_file() and (out / "EpuSession.dm").is_file()
+    assert not any(p.name.endswith(".staging") for p in tmp_path.iterdir())
+    js = json.loads((out / "ground_truth" / "session.json").read_text())
+    assert js["movie_root"] == str(store)
+    np.testing.assert_array_equal(tifffile.imread(movies[0].movie_path).shape, (4, 128, 128))
 
 
 def test_cli_particles_and_bad_input(tmp_path, capsys):
