@@ -108,8 +108,9 @@ def test_serialem_session_with_drip(tmp_path):
     done = threading.Event()
 
     def sweep():
-        for f in sorted(tmp_path.glob("sim_*")):
-            seen.setdefault(f.name, time.monotonic())
+        now = time.monotonic()  # one time per sweep: files found together tie
+        for f in tmp_path.glob("sim_*"):
+            seen.setdefault(f.name, now)
 
     def watch():  # what an on-the-fly watcher would see, polled every 10 ms
         while not done.is_set():
