@@ -13,8 +13,11 @@ Algorithm (see ``docs/picking.md``):
    particle (ice blob, aggregate, carbon edge); those regions are dilated by the blob's own
    radius plus the minimum radius and excluded.
 4. Threshold at ``mean + adjust_threshold × std`` of the score map (RELION's semantics) and
-   never below a noise floor (``noise_floor`` robust std-devs above the noise median), so an
-   empty micrograph gives no picks. Peaks above ``mean + upper_threshold × std`` are dropped.
+   never below a noise floor (``noise_floor`` std-devs of the noise, estimated from the
+   power just beyond ``maxres_a``), so an empty micrograph gives no picks. Peaks above
+   ``mean + upper_threshold × std`` are dropped, and so are peaks that are not round
+   (Hessian eigenvalue ratio below ``min_roundness``: edges) or that a larger diameter
+   explains almost as well (``big_ratio``: aggregates).
 5. Greedy non-maximum suppression: a weaker peak closer than
    ``neighbour × (d_detected + d_min) / 2`` to a stronger one is dropped; picks within half
    their detected diameter of the micrograph edge are dropped.
@@ -35,6 +38,7 @@ from scipy.spatial import cKDTree
 
 from compute import backend as be
 from compute.backend import to_numpy, xp_of
+from compute.ctf import CtfParams, ctf_from_grid
 from compute.errors import ComputeError
 
 #: diameter = DIAM_PER_SIGMA × σ. The scale-normalised LoG of a uniform disc of radius R peaks
@@ -42,9 +46,8 @@ from compute.errors import ComputeError
 #: measured as D ≈ 3.6 σ, which is what particles look like.
 DIAM_PER_SIGMA = 3.6
 
-#: a large blob must score this many std-devs above the score map mean before the area
-#: around it is excluded (density fluctuations of crowded particles stay below it)
-BIG_BLOB_STD = 1.5
+#: the in-range LoG kernels are high-passed at 1 / (this × the maximum diameter)
+HIGHPASS_DIAMETERS = 2.0
 
 
 @dataclass(frozen=True)
@@ -72,9 +75,27 @@ class LogPickerSettings:
         Scales are searched up to this many times ``diameter_max_a`` to recognise larger
         blobs (RELION's ``--Log_max_search``, default 5).
     noise_floor
-        Minimum score in robust noise std-devs (median/MAD of the score map) for any pick.
+        Minimum score for any pick, in std-devs of the noise (estimated from the power
+        just beyond ``maxres_a``, assumed white), so an empty micrograph gives no picks.
     scale_step
         Ratio between successive searched diameters.
+    min_roundness
+        Smallest ratio of the Hessian eigenvalues (λ2/λ1) at a pick: 1 for a round blob,
+        ~0 along an edge (carbon edges, the rims of ice).
+    big_blob_std
+        A large blob must score this many std-devs above the score map mean before the area
+        around it (its radius plus the minimum radius) is excluded.
+    big_blob_z
+        A response at a diameter above the maximum only counts when it stands this many
+        robust std-devs (median/MAD over the micrograph) above that scale's typical
+        response, so smooth ice-thickness or illumination changes are not taken for blobs.
+    mass_ratio
+        A pick whose response at the first diameter above the maximum (a measure of the
+        mass around it) exceeds this multiple of the median over all picks is dropped:
+        aggregates and clumps hold several particles' mass. Needs at least 8 picks.
+    big_ratio
+        A pick is dropped when some diameter above the maximum scores at least this
+        fraction of its own score (it is part of something larger: an aggregate).
     """
 
     diameter_min_a: float
@@ -85,8 +106,13 @@ class LogPickerSettings:
     invert: bool = False
     neighbour: float = 1.0
     max_search: float = 5.0
-    noise_floor: float = 4.0
+    noise_floor: float = 5.0
     scale_step: float = 1.12
+    min_roundness: float = 0.25
+    big_ratio: float = 0.92
+    big_blob_std: float = 3.0
+    mass_ratio: float = 2.2
+    big_blob_z: float = 5.0
 
 
 @dataclass
@@ -123,6 +149,8 @@ class LogMaps:
     noise_sd: np.ndarray       # estimated noise std of the score at each pixel's best scale
     big_score: np.ndarray | None = None       # best score over diameters above the maximum
     big_diameter_a: np.ndarray | None = None  # its diameter
+    roundness: np.ndarray | None = None  # Hessian eigenvalue ratio λ2/λ1 (1 round, 0 edge)
+    mass: np.ndarray | None = None       # response at the first diameter above the maximum
 
 
 def _check(mic, pixel_size_a: float, s: LogPickerSettings) -> None:
@@ -223,8 +251,14 @@ def search_diameters(s: LogPickerSettings) -> tuple[np.ndarray, np.ndarray]:
     return d_in, np.array(d_out)
 
 
-def log_maps(mic, pixel_size_a: float, settings: LogPickerSettings) -> LogMaps:
-    """Best-scale LoG score map, its diameters and the large-blob exclusion mask."""
+def log_maps(mic, pixel_size_a: float, settings: LogPickerSettings,
+             ctf: CtfParams | None = None) -> LogMaps:
+    """Best-scale LoG score map, its diameters and the large-blob exclusion mask.
+
+    With ``ctf`` the micrograph is first filtered by its CTF (a matched filter: phases
+    flipped, frequencies the CTF suppresses weighted down), which is what makes small
+    particles at low defocus detectable (RELION's ``--LoG_use_ctf`` idea).
+    """
     s = settings
     _check(mic, pixel_size_a, s)
     xp = xp_of(mic)
@@ -250,9 +284,15 @@ def log_maps(mic, pixel_size_a: float, settings: LogPickerSettings) -> LogMaps:
     kc = 1.0 / max(s.maxres_a, 2.0 * max(py, px))
     lp = xp.exp(-(k2 / (kc * kc)) ** 4).astype(np.float32)
     F = F * lp
+    if ctf is not None:
+        c = ctf_from_grid(kx + 0 * ky, ky + 0 * kx, ctf.with_(bfactor_a2=0.0)).astype(np.float32)
+        F = F * c
+        lp = lp * c
     sign = -1.0 if s.invert else 1.0
+    hp = (1.0 - xp.exp(-k2 * (HIGHPASS_DIAMETERS * s.diameter_max_a) ** 2)).astype(np.float32)
 
     n_in = len(d_in)
+    first_out = None
     # weights turning the half-plane (rfft) sum into a full-plane mean (Parseval)
     wcol = xp.full((1, kx.shape[1]), 2.0, dtype=np.float32)
     wcol[0, 0] = 1.0
@@ -269,19 +309,37 @@ def log_maps(mic, pixel_size_a: float, settings: LogPickerSettings) -> LogMaps:
         # -σ²∇²G in Fourier: σ² 4π²k² exp(-2π²σ²k²); dark blobs (negative) -> negative
         # response, so flip to make dark particles score positive.
         kern = (-sign * sig * sig * four_pi2) * k2 * xp.exp(-2.0 * math.pi ** 2 * sig * sig * k2)
+        if i < n_in:
+            # in-range scales ignore variations much larger than a particle (ice thickness,
+            # illumination): the LoG's own k² fall-off lets too much of them through
+            kern = kern * hp
         h = kern.astype(np.float32) * lp
         noise_sd[i] = math.sqrt(max(noise_var or 0.0, 0.0)
                                 * float(to_numpy((wcol * h * h).sum())) / (fy2 * fx2))
         r = be.irfft2(F * kern.astype(np.float32), s=(fy2, fx2))[pad:pad + my, pad:pad + mx]
         if i < n_in:
+            # Hessian of the smoothed image at this scale (for the blob-vs-edge test)
+            g = (-sign * four_pi2 * sig * sig) * xp.exp(-2.0 * math.pi ** 2 * sig * sig * k2) * hp
+            hs = [be.irfft2(F * (g * a * b).astype(np.float32), s=(fy2, fx2))[pad:pad + my, pad:pad + mx]
+                  for a, b in ((ky, ky), (kx, kx), (ky, kx))]
             if best_in is None:
                 best_in = r.copy()
                 best_idx = xp.zeros(r.shape, dtype=np.int16)
+                hess = [h_.copy() for h_ in hs]
             else:
                 upd = r > best_in
                 best_in = xp.where(upd, r, best_in)
                 best_idx = xp.where(upd, np.int16(i), best_idx)
+                hess = [xp.where(upd, h_, h0) for h_, h0 in zip(hs, hess)]
         else:
+            if i == n_in:
+                first_out = r.copy()
+            # only responses that stand out from this scale's own background variation count
+            # as blobs: smooth ice-thickness and illumination changes respond strongly at
+            # large scales everywhere, a contamination blob is an outlier
+            med = xp.median(r)
+            mad = 1.4826 * xp.median(xp.abs(r - med))
+            r = xp.where(r - med > s.big_blob_z * mad, r, -np.inf)
             if best_out is None:
                 best_out = r.copy()
                 out_idx = xp.full(r.shape, n_in, dtype=np.int16)
@@ -292,6 +350,14 @@ def log_maps(mic, pixel_size_a: float, settings: LogPickerSettings) -> LogMaps:
 
     score = to_numpy(best_in).astype(np.float32)
     idx = to_numpy(best_idx)
+    hyy, hxx, hxy = (to_numpy(h_).astype(np.float32) for h_ in hess)
+    # eigenvalues of the Hessian: a round blob has two similar ones, an edge one near zero
+    tr = hxx + hyy
+    disc = np.sqrt(np.maximum((hxx - hyy) ** 2 + 4.0 * hxy * hxy, 0.0))
+    l1 = 0.5 * (tr + disc)
+    l2 = 0.5 * (tr - disc)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        roundness = np.where(l1 > 0, l2 / l1, 0.0).astype(np.float32)
     diam = d_in[idx].astype(np.float32)
 
     # noise floor per pixel: noise_floor × the noise std of the pixel's best scale
@@ -313,7 +379,7 @@ def log_maps(mic, pixel_size_a: float, settings: LogPickerSettings) -> LogMaps:
         # strong large blob (a local maximum of the large-scale score that beats the in-range
         # score) exclude a disc of the blob's radius plus the minimum particle radius.
         w = max(3, int(round(s.diameter_max_a / min(py, px))) | 1)
-        t_big = max(mean + BIG_BLOB_STD * std, 0.0)
+        t_big = max(mean + s.big_blob_std * std, 0.0)
         centres = ((bo == ndimage.maximum_filter(bo, size=w, mode="nearest")) & (bo > score)
                    & (bo > t_big) & (bo > s.noise_floor * noise_sd[oi]))
         excluded = ~valid
@@ -322,7 +388,9 @@ def log_maps(mic, pixel_size_a: float, settings: LogPickerSettings) -> LogMaps:
     thr = np.maximum(np.float32(mean + s.adjust_threshold * std), noise_thr)
     return LogMaps(score=score, diameter_a=diam, excluded=excluded, pixel_size_yx_a=(py, px),
                    threshold=thr, mean=mean, std=std, noise_sd=noise_sd[idx].astype(np.float32),
-                   big_score=bo, big_diameter_a=None if oi is None else d_all[oi].astype(np.float32))
+                   big_score=bo, big_diameter_a=None if oi is None else d_all[oi].astype(np.float32),
+                   roundness=roundness,
+                   mass=None if first_out is None else to_numpy(first_out).astype(np.float32))
 
 
 def _dilate_by_scale(big: np.ndarray, scale_idx: np.ndarray, diameters: np.ndarray,
@@ -348,7 +416,8 @@ def _fft_convolve_same(a: np.ndarray, k: np.ndarray) -> np.ndarray:
     return fftconvolve(a, k, mode="same")
 
 
-def pick_log(mic, pixel_size_a: float, settings: LogPickerSettings) -> Picks:
+def pick_log(mic, pixel_size_a: float, settings: LogPickerSettings,
+             ctf: CtfParams | None = None) -> Picks:
     """Pick particles in one micrograph with the LoG picker.
 
     Parameters
@@ -359,6 +428,8 @@ def pick_log(mic, pixel_size_a: float, settings: LogPickerSettings) -> Picks:
         Micrograph pixel size in Å.
     settings
         :class:`LogPickerSettings`.
+    ctf
+        The micrograph's CTF, when known: the micrograph is CTF-filtered before the LoG.
 
     Returns
     -------
@@ -372,7 +443,7 @@ def pick_log(mic, pixel_size_a: float, settings: LogPickerSettings) -> Picks:
         Bad settings, or a diameter larger than the micrograph.
     """
     s = settings
-    maps = log_maps(mic, pixel_size_a, s)
+    maps = log_maps(mic, pixel_size_a, s, ctf=ctf)
     score = maps.score
     if not np.isfinite(score).all():
         raise ComputeError("micrograph contains NaN or infinite values")
@@ -384,6 +455,10 @@ def pick_log(mic, pixel_size_a: float, settings: LogPickerSettings) -> Picks:
     w = max(3, int(round(s.diameter_min_a / 4.0 / ps)) | 1)
     peak = (score == ndimage.maximum_filter(score, size=w, mode="nearest"))
     cand = peak & (score >= maps.threshold) & ~maps.excluded
+    if maps.roundness is not None:
+        cand &= maps.roundness >= s.min_roundness
+    if maps.big_score is not None:
+        cand &= maps.big_score < s.big_ratio * score
     upper = maps.mean + s.upper_threshold * maps.std
     cand &= score <= upper
     yy, xx = np.nonzero(cand)
@@ -413,6 +488,12 @@ def pick_log(mic, pixel_size_a: float, settings: LogPickerSettings) -> Picks:
                 if dy * dy + dx * dx < lim * lim:
                     alive[j] = False
     yy, xx, sc, dd = yy[keep], xx[keep], sc[keep], dd[keep]
+    if maps.mass is not None and len(yy) >= 8:
+        mass = maps.mass[yy, xx]
+        ref = float(np.median(mass))
+        if ref > 0:
+            ok = mass <= s.mass_ratio * ref
+            yy, xx, sc, dd = yy[ok], xx[ok], sc[ok], dd[ok]
 
     # sub-pixel refinement by a parabola through the 3-point neighbourhood
     fy = _parabolic(score, yy, xx, axis=0)
