@@ -115,6 +115,9 @@ def add_args(parser):
                    "neighbour", help="comma-separated junk kinds (default: all)")
     p.add_argument("--max-shift", type=float, default=2.0,
                    help="largest particle offset in pixels per axis (default 2)")
+    p.add_argument("--structural-noise", type=float, default=0.0,
+                   help="fraction of the noise variance that carries the CTF (ice scattering; "
+                   "0-1, default 0 = white noise)")
     p.add_argument("--per-micrograph", type=int, default=None,
                    help="images that share one CTF (one 'micrograph'); default: each its own")
 
@@ -208,7 +211,8 @@ def main(args) -> int:
             snr=args.snr, defocus_um=args.defocus, astigmatism_a=args.astigmatism,
             phase_shift_deg=args.phase_shift, bfactor_a2=_bfactor(args, 40.0),
             voltage_kv=args.voltage, cs_mm=args.cs, amplitude_contrast=args.amplitude_contrast,
-            max_shift_px=args.max_shift, group_size=args.per_micrograph, seed=args.seed)
+            max_shift_px=args.max_shift, structural_noise=args.structural_noise,
+            group_size=args.per_micrograph, seed=args.seed)
         paths = write_particle_set(out, stack, float16=args.float16, command=cmd)
         what = f"{args.n} particles ({args.box} px, {stack.truth.pixel_size_a:.3f} A/px)"
     elif args.what == "micrographs":

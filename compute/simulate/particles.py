@@ -314,6 +314,7 @@ def simulate_particles(
     cs_mm: float = 2.7,
     amplitude_contrast: float = 0.1,
     max_shift_px: float = 2.0,
+    structural_noise: float = 0.0,
     rotations=None,
     origins_a=None,
     group_size: int | None = None,
@@ -350,6 +351,10 @@ def simulate_particles(
     voltage_kv, cs_mm, amplitude_contrast : float
     max_shift_px : float
         Origins of true particles uniform in [-max, max] pixels per axis.
+    structural_noise : float
+        Fraction (0-1) of the noise variance that is ice scattering modulated by each
+        image's CTF (Thon rings in the noise, as in real extracted particles); the rest is
+        white. The total noise variance stays 1.
     rotations : array, optional
         ``(n, 3, 3)`` matrices or ``(n, 3)`` Euler angles for every image (default: uniform).
     origins_a : array, optional
@@ -379,6 +384,8 @@ def simulate_particles(
         raise ComputeError(f"junk_fraction {junk_fraction} is not in [0, 1]")
     if snr <= 0:
         raise ComputeError(f"snr must be > 0 (got {snr})")
+    if not 0.0 <= structural_noise < 1.0:
+        raise ComputeError(f"structural_noise {structural_noise} is not in [0, 1)")
     xp = be.get_xp(device)
     rng = np.random.default_rng(seed)
     specs = list(molecules)
@@ -542,8 +549,10 @@ def simulate_particles(
                     Fc = P.slices(xp.asarray(rr[b:b + 1024]))
                     Fc *= phase_shift_grid(box, xp.asarray(oo[b:b + 1024]), xp)
                     F[xp.asarray(idx[b:b + 1024])] += Fc
+        cb_chunk = None
         if apply_ctf:
-            F *= ctf_batch((box, box), ps, ctf.take(slice(start, stop)), xp=xp)
+            cb_chunk = ctf_batch((box, box), ps, ctf.take(slice(start, stop)), xp=xp)
+            F *= cb_chunk
         clean = be.irfft2(F, s=(box, box)).astype(np.float32)
         pad = box // 2
         for i, img in real_junk.items():
@@ -563,7 +572,16 @@ def simulate_particles(
         clean /= sigma
         noise = noise_rng.standard_normal((stop - start, box, box), dtype=np.float32) \
             if np.isfinite(snr) else np.zeros((stop - start, box, box), np.float32)
-        images[start:stop] = clean + xp.asarray(noise)
+        noise = xp.asarray(noise)
+        if structural_noise > 0 and np.isfinite(snr) and cb_chunk is not None:
+            # part of the noise is scattering by the ice, so it carries the CTF (its rings)
+            sn = be.rfft2(xp.asarray(noise_rng.standard_normal((stop - start, box, box),
+                                                               dtype=np.float32)))
+            sn = be.irfft2(sn * cb_chunk, s=(box, box)).astype(np.float32)
+            sn /= xp.sqrt(xp.mean(sn * sn, axis=(1, 2), keepdims=True) + 1e-12)
+            f = np.float32(structural_noise)
+            noise = noise * np.sqrt(1 - f) + sn * np.sqrt(f)
+        images[start:stop] = clean + noise
         if return_clean:
             clean_all[start:stop] = clean
 

@@ -131,3 +131,17 @@ def test_given_orientations_and_origins_are_kept():
     np.testing.assert_allclose(np.column_stack([s.truth.rot_deg, s.truth.tilt_deg,
                                                 s.truth.psi_deg]), eul, atol=1e-9)
     np.testing.assert_allclose(s.truth.origin_y_a, [-4, 5])
+
+
+def test_structural_noise_carries_the_ctf_and_keeps_unit_variance():
+    kw = dict(box=64, pixel_size_a=2.0, snr=0.1, return_clean=True, seed=6,
+              defocus_um=2.0, astigmatism_a=0.0, bfactor_a2=0.0)
+    s = simulate_particles(200, ["d2"], structural_noise=0.6, **kw)
+    noise = s.images - s.clean
+    assert abs(noise.var() - 1.0) < 0.02
+    p = (np.abs(np.fft.rfft2(noise)) ** 2).mean(axis=0)
+    c2 = ctf_2d((64, 64), 2.0, s.truth.ctf.params(0), rfft=True) ** 2
+    assert np.corrcoef(p.ravel(), c2.ravel())[0, 1] > 0.5
+    white = simulate_particles(200, ["d2"], **kw)
+    pw = (np.abs(np.fft.rfft2(white.images - white.clean)) ** 2).mean(axis=0)
+    assert abs(np.corrcoef(pw.ravel(), c2.ravel())[0, 1]) < 0.2
