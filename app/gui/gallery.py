@@ -173,7 +173,7 @@ class ClassGallery(QtWidgets.QWidget):
 
     # -- data -------------------------------------------------------------------------------
     #: tiles updated per event-loop turn, so a 200-class refresh never blocks the loop long
-    CHUNK = 64
+    CHUNK = 100
 
     def set_data(self, data: GalleryData) -> None:
         """Show (or refresh in place) the classes of one Class2D iteration.

@@ -615,6 +615,7 @@ class ProjectScanner:
         except Exception as exc:  # noqa: BLE001 - reported in the window
             out["errors"].append(f"reading the project: {_describe(exc)}")
             return out
+        out["job_dirs"] = list(snap.job_stamps)
         key = repr([(s.name, s.current_node, s.running, s.floats, s.bools, s.strings,
                      [(j.job_dir, j.status, j.log_tail[-300:]) for j in s.jobs], s.error)
                     for s in snap.schemes])

@@ -166,6 +166,9 @@ class _Scanner(QtCore.QObject):
         self._want_mic: str | None = None
         self._set_mic = False
         self._stopping = False
+        self._poke_pending = threading.Event()
+        self._handler = None
+        self._watched: set[str] = set()
 
     @QtCore.pyqtSlot()
     def start(self) -> None:
@@ -206,31 +209,55 @@ class _Scanner(QtCore.QObject):
             raise
 
     def _start_observer(self) -> None:
+        """Watch the project folder, ``Schemes/*`` and each job folder, not recursively.
+
+        Jobs write their STAR outputs at the top of their folder; the thousands of
+        per-micrograph files in sub-folders would only cost the GUI process Python time
+        (and the GIL) per event. New job folders are added by :meth:`_watch_more`.
+        """
         try:
             from watchdog.events import FileSystemEventHandler
             from watchdog.observers import Observer
         except ImportError:  # the slow timer still refreshes
             return
         scanner = self
+        flag = self._poke_pending
 
         class _Handler(FileSystemEventHandler):
             def on_any_event(self, event):  # noqa: ANN001 - watchdog's signature
-                # called on watchdog's own thread: only post an event to ours
-                QtCore.QMetaObject.invokeMethod(scanner, "poke",
-                                                QtCore.Qt.ConnectionType.QueuedConnection)
+                # watchdog's own thread: post at most one wake-up until the scan ran
+                if not flag.is_set():
+                    flag.set()
+                    QtCore.QMetaObject.invokeMethod(scanner, "poke",
+                                                    QtCore.Qt.ConnectionType.QueuedConnection)
 
         try:
             obs = Observer()
-            obs.schedule(_Handler(), str(self.project), recursive=True)
             obs.daemon = True
             obs.start()
-            self._observer = obs
+            self._observer, self._handler = obs, _Handler()
+            self._watch_more([self.project, *sorted((self.project / "Schemes").glob("*/"))])
         except OSError as exc:  # e.g. inotify watch limit: fall back to the timer
+            self._observer = None
             self.error.emit(f"file watching unavailable ({exc}); refreshing every "
                             f"{self.interval_ms / 1000:g} s")
 
+    def _watch_more(self, dirs: list[Path]) -> None:
+        if self._observer is None:
+            return
+        for d in dirs:
+            key = str(d)
+            if key in self._watched or not d.is_dir():
+                continue
+            try:
+                self._observer.schedule(self._handler, key, recursive=False)
+            except OSError as exc:
+                self._report(f"not watching {d} ({exc}); the timer still refreshes it")
+            self._watched.add(key)
+
     @QtCore.pyqtSlot()
     def poke(self) -> None:
+        self._poke_pending.clear()
         if self._debounce is not None and not self._debounce.isActive():
             self._debounce.start()
 
@@ -256,6 +283,7 @@ class _Scanner(QtCore.QObject):
             return
         for text in out.get("errors", []):
             self._report(text)
+        self._watch_more([self.project / d for d in out.get("job_dirs", [])])
         for key in ("snapshot", "table", "gallery", "maps", "micrograph"):
             if key in out:
                 getattr(self, key).emit(out[key])
