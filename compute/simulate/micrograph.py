@@ -38,7 +38,7 @@ from compute.errors import ComputeError
 from compute.geometry import matrix_to_euler, random_rotations
 from compute.simulate.molecules import Molecule, default_box, density_map, molecule
 from compute.simulate.particles import CtfDraw, ctf_batch, draw
-from compute.simulate.project import Projector, phase_shift_grid
+from compute.simulate.project import Projector, map_diameter_px, phase_shift_grid
 
 #: pseudo-atom volume (A^3): projected map values x this / pixel area = protein thickness
 A3_PER_WEIGHT = 136.0
@@ -51,16 +51,6 @@ def interaction_constant(voltage_kv: float) -> float:
     lam = electron_wavelength_a(voltage_kv)
     mc2 = 510998.95  # electron rest energy in eV
     return float(2 * np.pi / (lam * v) * (mc2 + v) / (2 * mc2 + v))
-
-
-def map_diameter_px(vol: np.ndarray, threshold: float = 0.05) -> float:
-    """Diameter (px) of a map's support: twice the largest distance from the box centre of
-    voxels above ``threshold`` x the maximum."""
-    zz, yy, xx = np.nonzero(vol > threshold * float(vol.max()))
-    if not zz.size:
-        return 1.0
-    c = vol.shape[0] // 2
-    return float(2.0 * np.sqrt((zz - c) ** 2 + (yy - c) ** 2 + (xx - c) ** 2).max() + 2.0)
 
 
 def smooth_field(shape: tuple[int, int], rng: np.random.Generator, n_waves: int = 12,

@@ -37,7 +37,7 @@ from compute.ctf import CtfParams, frequency_grid, gamma
 from compute.errors import ComputeError
 from compute.geometry import euler_to_matrix, matrix_to_euler, random_rotations
 from compute.simulate.molecules import Molecule, density_map, molecule
-from compute.simulate.project import Projector, phase_shift_grid
+from compute.simulate.project import Projector, map_diameter_px, phase_shift_grid
 
 JUNK_KINDS = ("ice", "carbon", "aggregate", "empty", "offcentre", "wrongsize", "neighbour")
 GOOD = "particle"
@@ -235,11 +235,7 @@ def _zoom_centred(vol: np.ndarray, factor: float) -> np.ndarray:
 
 def _diameter_px(spec: MoleculeSpec, vol: np.ndarray, pixel_size_a: float) -> float:
     if isinstance(spec, tuple):
-        thr = vol.max() * 0.05
-        zz, yy, xx = np.nonzero(vol > thr)
-        c = vol.shape[0] // 2
-        r = np.sqrt((zz - c) ** 2 + (yy - c) ** 2 + (xx - c) ** 2).max() if zz.size else c
-        return float(2 * r)
+        return map_diameter_px(vol)
     mol = molecule(spec) if isinstance(spec, str) else spec
     return mol.diameter_a / pixel_size_a
 

@@ -227,3 +227,13 @@ def resample_map(volume, pixel_size_in_a: float, pixel_size_out_a: float, box_ou
     so, sd = m // 2 - k // 2, box_out // 2 - k // 2
     out[sd:sd + k, sd:sd + k, sd:sd + k] = v[so:so + k, so:so + k, so:so + k]
     return out
+
+
+def map_diameter_px(vol: np.ndarray, threshold: float = 0.05) -> float:
+    """Diameter (px) of a map's support: twice the largest distance from the box centre of
+    voxels above ``threshold`` x the maximum."""
+    zz, yy, xx = np.nonzero(vol > threshold * float(vol.max()))
+    if not zz.size:
+        return 1.0
+    c = vol.shape[0] // 2
+    return float(2.0 * np.sqrt((zz - c) ** 2 + (yy - c) ** 2 + (xx - c) ** 2).max() + 2.0)
