@@ -37,7 +37,7 @@ class SelectJob(Job):
         Option("select_maxval", "6", "float", "largest value kept (inclusive; default 6 Å for "
                "rlnCtfMaxResolution)"),
         Option("do_class_ranker", "No", "bool", "select 2D classes with the class ranker"),
-        Option("rank_threshold", "0.5", "float", "minimum class score (class ranker)"),
+        Option("rank_threshold", "0.15", "float", "minimum class score (class ranker)"),
         Option("select_nr_parts", "-1", "int", "minimum number of particles (class ranker)"),
         Option("select_nr_classes", "-1", "int", "minimum number of classes (class ranker)"),
     ]
