@@ -123,67 +123,123 @@ def _corr(a, b) -> float:
     return float(xp.sum(a * b) / max(float(xp.sqrt(xp.sum(a * a) * xp.sum(b * b))), 1e-30))
 
 
-def symmetry_score(vol, name: str, placement: np.ndarray) -> float:
+def generator_matrices(name: str) -> np.ndarray:
+    """The group's generator rotations (a map invariant under them is invariant under all)."""
+    kind, n = parse_symmetry(name)
+    if kind == "C":
+        gens = [(n, (0.0, 0.0, 1.0))] if n > 1 else []
+    elif kind == "D":
+        gens = ([(n, (0.0, 0.0, 1.0))] if n > 1 else []) + [(2, (1.0, 0.0, 0.0))]
+    else:
+        gens = _GENERATORS[kind]
+    return np.array([axis_rotation(ax, 2 * np.pi / fold) for fold, ax in gens]).reshape(-1, 3, 3)
+
+
+def symmetry_score(vol, name: str, placement: np.ndarray, mats=None) -> float:
     """Mean correlation of the map with itself under the group placed by ``placement``.
 
     ``placement`` maps RELION's standard axes into the map's frame; a group element ``g`` acts
-    on the map as ``placement @ g @ placement.T``.
+    on the map as ``placement @ g @ placement.T``. By default the generators are used (cheaper,
+    and zero-error exactly when the map has the whole group's symmetry).
     """
-    mats = symmetry_matrices(name)[1:]
+    mats = generator_matrices(name) if mats is None else mats
     if len(mats) == 0:
         return 1.0
     P = np.asarray(placement)
     return float(np.mean([_corr(vol, rotate_volume(vol, P @ g @ P.T)) for g in mats]))
 
 
-def _coarse_placements(step_deg: float) -> np.ndarray:
-    from compute.geometry import euler_to_matrix
+def _z_to(d) -> np.ndarray:
+    """A rotation taking the z axis onto the unit vector ``d``."""
+    d = np.asarray(d, dtype=np.float64)
+    d = d / np.linalg.norm(d)
+    z = np.array([0.0, 0.0, 1.0])
+    c = float(z @ d)
+    if c > 1 - 1e-12:
+        return np.eye(3)
+    if c < -1 + 1e-12:
+        return axis_rotation((1.0, 0.0, 0.0), np.pi)
+    ax = np.cross(z, d)
+    return axis_rotation(ax, float(np.arccos(np.clip(c, -1, 1))))
 
-    rots = np.arange(0, 360, step_deg)
-    tilts = np.arange(0, 180 + 1e-9, step_deg)
-    psis = np.arange(0, 360, step_deg)
-    r, t, p = np.meshgrid(rots, tilts, psis, indexing="ij")
-    return euler_to_matrix(r.ravel(), t.ravel(), p.ravel())
+
+def _coarse_placements(name: str, step_deg: float) -> np.ndarray:
+    """Candidate placements ``P = Rz->d @ Rz(psi)``: the main axis ``d`` on a HEALPix-like
+    grid of one hemisphere (an axis and its opposite give the same group), psi over the range
+    that the group does not already make equivalent."""
+    from compute.orientations import healpix_directions, order_for_step
+
+    kind, n = parse_symmetry(name)
+    rot, tilt = healpix_directions(order_for_step(step_deg))
+    keep = tilt <= 90.0 + 1e-6
+    r, t = np.radians(rot[keep]), np.radians(tilt[keep])
+    dirs = np.stack([np.cos(r) * np.sin(t), np.sin(r) * np.sin(t), np.cos(t)], 1)
+    if kind == "C":
+        psi_max = 0.0 if n > 1 else 360.0
+    elif kind == "D":
+        psi_max = 180.0 / n
+    else:
+        psi_max = 360.0
+    psis = np.arange(0.0, psi_max, step_deg) if psi_max > 0 else np.zeros(1)
+    out = [_z_to(d) @ axis_rotation((0, 0, 1), np.radians(p)) for d in dirs for p in psis]
+    return np.array(out)
 
 
-def find_symmetry_placement(vol, name: str, coarse_step_deg: float = 20.0,
-                            work_box: int = 20) -> tuple[np.ndarray, float]:
+def _rotvec_matrix(v) -> np.ndarray:
+    a = float(np.linalg.norm(v))
+    return np.eye(3) if a < 1e-12 else axis_rotation(np.asarray(v) / a, a)
+
+
+def find_symmetry_placement(vol, name: str, coarse_step_deg: float = 15.0,
+                            work_box: int = 16, refine_box: int = 32,
+                            n_starts: int = 3) -> tuple[np.ndarray, float]:
     """Rotation ``P`` that maps RELION's standard symmetry axes onto the map's own axes.
 
-    A coarse search over SO(3) on a down-sampled, low-passed copy of the map is followed by a
-    local simplex refinement at the full size. Returns ``(P, score)`` (score: mean correlation
-    of the map with its symmetry mates, 1 = perfectly symmetric).
+    A coarse search (main axis over a hemisphere x the in-plane angles the group leaves
+    distinct) on a down-sampled copy of the map is followed by a simplex refinement of a
+    rotation vector on a ``refine_box`` copy. Returns ``(P, score)`` (score: mean correlation
+    of the full-size map with its generator mates, 1 = perfectly symmetric).
     """
     from scipy.optimize import minimize
 
     from compute.fourier import fourier_crop
-    from compute.geometry import euler_to_matrix, matrix_to_euler
 
     v = be.to_numpy(vol).astype(np.float32)
     if order(name) == 1:
         return np.eye(3), 1.0
     n = v.shape[0]
     small = fourier_crop(v, (work_box,) * 3) if n > work_box else v
-    cands = _coarse_placements(coarse_step_deg)
-    # the score only depends on where the axes go: dedupe placements that differ by a group
-    # element on the right by keeping the full grid (cheap at this size) and taking the best
+    mid = fourier_crop(v, (refine_box,) * 3) if n > refine_box else v
+    cands = _coarse_placements(name, coarse_step_deg)
     scores = np.array([symmetry_score(small, name, P) for P in cands])
-    best = cands[np.argsort(scores)[::-1][:3]]
-
-    def neg(angles):
-        P = euler_to_matrix(*angles)
-        return -symmetry_score(v, name, P)
+    order_idx = np.argsort(scores)[::-1]
+    starts = [cands[order_idx[0]]]
+    for i in order_idx[1:]:  # distinct starting points
+        if len(starts) >= n_starts:
+            break
+        if all(_placement_distance_deg(cands[i], s, name) > 2 * coarse_step_deg for s in starts):
+            starts.append(cands[i])
 
     results = []
-    for P0 in best:
-        x0 = np.asarray(matrix_to_euler(P0), dtype=np.float64)
-        r = minimize(neg, x0, method="Nelder-Mead",
-                     options={"xatol": 0.2, "fatol": 1e-5, "maxiter": 150,
-                              "initial_simplex": x0 + np.vstack([np.zeros(3),
-                                                                 np.eye(3) * coarse_step_deg / 2])})
-        results.append((r.fun, r.x))
-    fun, x = min(results, key=lambda t: t[0])
-    return euler_to_matrix(*x), float(-fun)
+    for P0 in starts:
+        def neg(x, P0=P0):
+            return -symmetry_score(mid, name, _rotvec_matrix(x) @ P0)
+
+        s0 = np.radians(coarse_step_deg) / 2
+        r = minimize(neg, np.zeros(3), method="Nelder-Mead",
+                     options={"xatol": 1e-3, "fatol": 1e-5, "maxiter": 120,
+                              "initial_simplex": np.vstack([np.zeros(3), np.eye(3) * s0])})
+        results.append((r.fun, _rotvec_matrix(r.x) @ P0))
+    _, P = min(results, key=lambda t: t[0])
+    return P, symmetry_score(v, name, P)
+
+
+def _placement_distance_deg(a, b, name: str) -> float:
+    """Smallest rotation angle between placements ``a`` and ``b g`` over the group."""
+    g = symmetry_matrices(name)
+    M = np.einsum("ji,gjk->gik", a, np.einsum("ij,gjk->gik", b, g))
+    tr = np.einsum("gii->g", M)
+    return float(np.degrees(np.arccos(np.clip((tr.max() - 1) / 2, -1, 1))))
 
 
 def align_to_symmetry(vol, name: str, **kw) -> tuple[np.ndarray, np.ndarray, float]:

@@ -1,0 +1,101 @@
+"""Point groups with RELION's axes, volume rotation, symmetrisation and symmetry alignment."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from compute.errors import ComputeError
+from compute.geometry import euler_to_matrix
+from compute.simulate.molecules import density_map, molecule
+from compute.symmetry import (
+    align_to_symmetry,
+    find_symmetry_placement,
+    parse_symmetry,
+    rotate_volume,
+    symmetrise,
+    symmetry_matrices,
+)
+
+
+@pytest.mark.parametrize("name,order", [("C1", 1), ("C4", 4), ("D2", 4), ("D7", 14), ("T", 12),
+                                        ("O", 24), ("I", 60), ("I1", 60), ("I3", 60),
+                                        ("I4", 60)])
+def test_group_orders_and_closure(name, order):
+    g = symmetry_matrices(name)
+    assert g.shape == (order, 3, 3)
+    assert np.allclose(g[0], np.eye(3))
+    # rotations, closed under products
+    assert np.allclose(np.einsum("gji,gjk->gik", g, g), np.eye(3), atol=1e-6)
+    assert np.allclose(np.linalg.det(g), 1.0)
+    prod = np.einsum("aij,bjk->abik", g, g).reshape(-1, 3, 3)
+    d = np.abs(prod[:, None] - g[None]).max(axis=(2, 3)).min(axis=1)
+    assert d.max() < 1e-4
+
+
+def test_relion_axes():
+    # D2: 2-folds on x, y and z; C4 about z; I2 has 2-folds on x, y, z (RELION's default I)
+    for name in ("D2", "I"):
+        g = symmetry_matrices(name)
+        for ax in np.eye(3):
+            r2 = -np.eye(3) + 2 * np.outer(ax, ax)
+            assert np.abs(g - r2).max(axis=(1, 2)).min() < 1e-6
+    c4 = symmetry_matrices("C4")
+    assert np.allclose(c4 @ np.array([0, 0, 1.0]), [0, 0, 1])
+
+
+def test_parse_errors():
+    assert parse_symmetry("d3") == ("D", 3)
+    for bad in ("C0", "X2", "", "D"):
+        with pytest.raises(ComputeError):
+            parse_symmetry(bad)
+
+
+def test_rotate_volume_matches_rotated_density():
+    mol = molecule("asym")
+    px = 5.0
+    vol = density_map(mol, 32, px)
+    M = euler_to_matrix(30.0, 50.0, -20.0)
+    rotated_atoms = density_map(dataclasses.replace(mol, coords_a=mol.coords_a @ M.T), 32, px)
+    out = rotate_volume(vol, M)
+    back = rotate_volume(out, M.T)
+    inner = np.s_[8:24, 8:24, 8:24]
+    assert np.corrcoef(back[inner].ravel(), vol[inner].ravel())[0, 1] > 0.97
+    assert np.corrcoef(out.ravel(), rotated_atoms.ravel())[0, 1] > 0.95
+
+
+def test_symmetrise_d2_molecule_is_invariant():
+    vol = density_map(molecule("d2"), 32, 4.0)
+    sym = symmetrise(vol, "D2")
+    assert np.corrcoef(sym.ravel(), vol.ravel())[0, 1] > 0.98
+    vol_a = density_map(molecule("asym"), 32, 4.0)
+    sym_a = symmetrise(vol_a, "D2")
+    assert np.corrcoef(sym_a.ravel(), vol_a.ravel())[0, 1] < 0.8
+
+
+def _axis_errors_deg(found, truth) -> float:
+    """Largest angle between each of the true axes (columns of ``truth``) and the nearest
+    found axis, ignoring sign and order (D2's axes are interchangeable)."""
+    c = np.abs(truth.T @ found)  # cosines between true and found axes
+    return float(np.degrees(np.arccos(np.clip(c.max(axis=1), -1, 1))).max())
+
+
+@pytest.mark.parametrize("name,mol", [("D2", "d2"), ("C4", "c4ring")])
+def test_align_to_symmetry_recovers_axes(name, mol):
+    vol = density_map(molecule(mol), 32, 4.0)
+    P = euler_to_matrix(37.0, 64.0, 112.0)
+    tilted = rotate_volume(vol, P)
+    found, score = find_symmetry_placement(tilted, name)
+    assert score > 0.9
+    if name == "D2":  # the three 2-folds, each within 3 deg of a true one
+        assert _axis_errors_deg(found, P) < 3.0
+    else:  # C4: only the 4-fold axis is defined
+        z = found @ np.array([0, 0, 1.0])
+        assert np.degrees(np.arccos(min(1.0, abs(float(z @ P[:, 2]))))) < 3.0
+    aligned, _, _ = align_to_symmetry(tilted, name)
+    assert np.corrcoef(aligned.ravel(), symmetrise(aligned, name).ravel())[0, 1] > 0.98
+    if name == "D2":  # the aligned map's axes are x, y, z
+        again, _ = find_symmetry_placement(aligned, name)
+        assert _axis_errors_deg(again, np.eye(3)) < 3.0
