@@ -41,6 +41,13 @@ class Controller:
         self.setup.hide()
         return win
 
+    def shutdown(self) -> None:
+        """Stop every worker without asking (Ctrl-C / SIGTERM): schemers keep running."""
+        for win in list(self.monitors.values()):
+            win.watcher.stop()
+            win.runner.stop()
+        self.setup.runner.stop()
+
     def _monitor_closed(self, p: Path) -> None:
         win = self.monitors.pop(p, None)
         if win is not None:
@@ -58,7 +65,15 @@ def make_app(argv: list[str] | None = None) -> QtWidgets.QApplication:
 
 
 def run_gui(project: str | Path | None = None, session: str | Path | None = None) -> int:
-    """Open the GUI and run the event loop until the last window closes."""
+    """Open the GUI and run the event loop until the last window closes.
+
+    Ctrl-C and SIGTERM quit cleanly: worker threads and the loader process stop; detached
+    schemers keep running (reopen the project to monitor them).
+    """
+    import signal
+
+    from PyQt6 import QtCore
+
     app = make_app()
     ctl = Controller()
     if project is not None:
@@ -68,4 +83,13 @@ def run_gui(project: str | Path | None = None, session: str | Path | None = None
         if session is not None:
             ctl.setup.session_edit.setText(str(session))
             ctl.setup.parse_clicked()
-    return int(app.exec())
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: app.quit())
+    wake = QtCore.QTimer()  # lets Python run its signal handlers while Qt waits
+    wake.timeout.connect(lambda: None)
+    wake.start(300)
+    try:
+        return int(app.exec())
+    finally:
+        wake.stop()
+        ctl.shutdown()

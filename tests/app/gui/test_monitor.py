@@ -80,6 +80,15 @@ def test_monitor_shows_outputs_and_stores_choices(qtbot, tmp_path, rng):
                         timeout=20000)
         qtbot.waitUntil(lambda: "picks" in win.viewer.caption.text(), timeout=20000)
         assert f"{info['picks'][-1]} picks" in win.viewer.caption.text()
+        assert n_points(win.maps.fsc_curve) == 25  # 48-px map: shells 0..24
+        # any micrograph can be chosen; its picks are shown
+        first = info["names"][0]
+        idx = win.viewer.chooser.findText(first)
+        assert idx > 0
+        win.viewer.chooser.setCurrentIndex(idx)
+        win.viewer.chooser.activated.emit(idx)
+        qtbot.waitUntil(lambda: Path(first).name in win.viewer.caption.text(), timeout=20000)
+        assert f"{info['picks'][0]} picks" in win.viewer.caption.text()
         assert any("no schemes found" in m for m in win.notes.messages("warning"))
 
         # clicking a class stores the choice for the select job and as ranker feedback
