@@ -36,6 +36,8 @@ from metadata.images import read_mrc, write_mrc
 from metadata.star import join_image_name, read_star, resolve_path, write_star
 
 PARTICLES_NODE = "ParticleGroupMetadata.star.relion"
+#: micrographs already extracted (those without particles have no stack to show it)
+DONE_FILE = "extracted_micrographs.txt"
 
 #: micrograph columns copied onto each particle (CTF and bookkeeping), when present
 MIC_COLUMNS = ("rlnOpticsGroup", "rlnCtfMaxResolution", "rlnCtfFigureOfMerit", "rlnDefocusU",
@@ -55,8 +57,8 @@ class ExtractJob(Job):
         Option("rescale", "128", "int", "re-scaled box size (pixels, even)"),
         Option("do_invert", "Yes", "bool", "invert contrast (protein white)"),
         Option("do_norm", "Yes", "bool", "normalise the background to mean 0, std 1"),
-        Option("bg_diameter", "-1", "float", "background circle diameter (pixels of the "
-               "re-scaled box); -1: 75 % of the box"),
+        Option("bg_diameter", "-1", "float", "background circle diameter (pixels, before "
+               "re-scaling, as RELION); -1: 75 % of the box"),
         Option("white_dust", "-1", "float", "remove white dust beyond this many std-devs "
                "(-1: off)"),
         Option("black_dust", "-1", "float", "remove black dust beyond this many std-devs "
@@ -82,12 +84,19 @@ class ExtractJob(Job):
             if out_box <= 0 or out_box % 2:
                 raise UserError(f"rescale must be a positive even number of pixels, got {out_box}")
         bg_diam = float(ctx.get("bg_diameter", -1) or -1)
-        if bg_diam > out_box:
-            raise UserError(f"bg_diameter {bg_diam:g} px is larger than the box ({out_box} px)")
+        if bg_diam >= box:
+            raise UserError(f"bg_diameter {bg_diam:g} px leaves no background in the "
+                            f"{box}-px box")
+        # RELION gives bg_diameter in pixels before re-scaling
+        bg_radius_out = bg_diam / 2.0 * out_box / box if bg_diam > 0 else None
         float16 = bool(ctx.get("do_float16", True))
         fom_min = float(ctx.get("minimum_pick_fom", 0.0)) if ctx.get("do_fom_threshold") else None
 
+        done_file = ctx.path(DONE_FILE)
         previous = _previous_rows(ctx) if ctx.is_continue else None
+        done = set()
+        if ctx.is_continue and done_file.exists():
+            done = set(done_file.read_text(encoding="utf-8").split("\n")) - {""}
         names = [str(n) for n in mics["rlnMicrographName"]]
         stacks = {n: ctx.path(relion_post_name(n) + ".mrcs") for n in names}
         tables: list[pd.DataFrame] = []
@@ -95,8 +104,10 @@ class ExtractJob(Job):
         for i, n in enumerate(names):
             if n not in coords:
                 continue
-            if previous is not None and stacks[n].exists() and n in previous:
+            if previous is not None and n in previous and stacks[n].exists():
                 tables.append(previous[n])
+            elif n in done and previous is not None and n not in previous:
+                continue  # done before, no particle in it
             else:
                 todo.append(i)
         ctx.info("%d micrographs with coordinates, %d to extract%s", len(tables) + len(todo),
@@ -119,9 +130,10 @@ class ExtractJob(Job):
                     picks["rlnCoordinateY"].to_numpy(float), box, px,
                     rescale_box=out_box, invert=bool(ctx.get("do_invert", True)),
                     normalise=bool(ctx.get("do_norm", True)),
-                    bg_radius_px=bg_diam / 2.0 if bg_diam > 0 else None,
+                    bg_radius_px=bg_radius_out,
                     white_dust=float(ctx.get("white_dust", -1)),
                     black_dust=float(ctx.get("black_dust", -1)), rng=i)
+                done.add(name)
                 n_dropped += res.n_dropped
                 kept = picks[res.kept].reset_index(drop=True)
                 n_kept += len(kept)
@@ -134,6 +146,9 @@ class ExtractJob(Job):
                           float16=float16, is_stack=True)
                 tables.append(_particle_rows(kept, row, name, stack_rel))
                 ctx.progress(k + 1, len(todo), "extracted")
+        done |= {names[i] for i in range(len(names)) if names[i] in coords and (
+            previous is not None and names[i] in previous)}
+        done_file.write_text("\n".join(sorted(done)) + "\n", encoding="utf-8")
         ctx.info("%d particles extracted from %d micrographs; %d picks dropped because their "
                  "%d-px box leaves the micrograph", n_kept, len(todo), n_dropped, box)
         (ctx.path("extract_summary.txt")).write_text(

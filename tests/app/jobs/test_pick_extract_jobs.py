@@ -231,6 +231,8 @@ def test_extract_float32_fom_threshold_and_dropped_count(project):
                     minimum_pick_fom=1e6) == 0
     assert len(read_star(project / "Extract/job012/particles.star")["particles"]) == 0
     assert _extract(project, out="Extract/job013", extract_size=107) == 1
+    assert _extract(project, out="Extract/job014", bg_diameter=200) == 1
+    assert "bg_diameter" in (project / "Extract/job014" / FAILURE).read_text()
 
 
 def test_cli_runs_autopick_and_extract(project, monkeypatch):
