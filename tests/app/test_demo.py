@@ -1,0 +1,172 @@
+"""The demo end to end on a small simulated session, checked against the ground truth.
+
+One module-scoped run serves every test: the demo is started in a child process, killed
+(SIGKILL) once prep's motion correction is running, then run again with the same ``--out``
+in this process; it must continue (no job re-created from scratch) and finish.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.demo import DemoConfig, align_maps, run_demo, stem_of
+from metadata.star import read_star
+
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists()
+                                        else None)
+HAS_3D = all(importlib.util.find_spec(m) is not None
+             for m in ("app.jobs.inimodel3d", "app.jobs.refine3d"))
+
+
+def small_config(out: Path) -> DemoConfig:
+    return DemoConfig(out=out, n_movies=4, shape=512, n_frames=4, pixel_size_a=2.0,
+                      dose_per_frame_e_a2=10.0, particles_per_movie=30, nr_classes=4,
+                      nr_iter_grad=20, inimodel_iter=20, seed=3,
+                      stop_after="refine3d" if HAS_3D else "select_parts",
+                      progress=False)
+
+
+_CHILD = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from tests.app.test_demo import small_config
+from app.demo import run_demo
+run_demo(small_config(Path({out!r})))
+"""
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", _CHILD.format(repo=str(REPO), out=str(out))],
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True)
+    killed_during = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and child.poll() is None:
+        mc = out / "project" / "MotionCorr" / "job002"
+        if (mc / "job.star").exists():
+            killed_during = "MotionCorr/job002"
+            break
+        time.sleep(0.2)
+    if child.poll() is None:
+        os.kill(child.pid, signal.SIGKILL)  # the demo only; its running job lives on
+    child.wait()
+    assert killed_during, f"the first run never reached motion correction: " \
+                          f"{child.stderr.read().decode()[-2000:]}"
+    t = time.monotonic()
+    res = run_demo(small_config(out))
+    res.resumed_after_kill_s = time.monotonic() - t
+    res.killed_during = killed_during
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_resumes_and_is_right(demo):
+    p = demo.project
+    assert demo.state == "finished", demo.message
+    # continued, not restarted: one import, one motion correction job (the killed one, re-adopted
+    # or run again in place), the session simulated once
+    assert sorted(x.name for x in (p / "Import").iterdir()) == ["job001"]
+    assert sorted(x.name for x in (p / "MotionCorr").iterdir()) == ["job002"]
+
+    # CTF: every movie, defocus within 500 Å of the simulated truth
+    truth = read_star(demo.session / "ground_truth" / "movies_truth.star")["movies"]
+    tdef = {stem_of(r.rlnMicrographMovieName): (r.rlnDefocusU + r.rlnDefocusV) / 2
+            for r in truth.itertuples()}
+    ctf = read_star(next((p / "CtfFind").glob("job*/micrographs_ctf.star")))["micrographs"]
+    assert len(ctf) == 4
+    for r in ctf.itertuples():
+        est = (r.rlnDefocusU + r.rlnDefocusV) / 2
+        assert abs(est - tdef[stem_of(r.rlnMicrographMovieName)]) < 500, r
+
+    # picks: most simulated particles found on the micrographs
+    coords = read_star(demo.session / "ground_truth" / "coordinates_truth.star")["particles"]
+    coords = coords[coords["scsKind"] == "particle"]
+    auto = read_star(next((p / "AutoPick").glob("job*/autopick.star")))["coordinate_files"]
+    found = total = 0
+    for r in auto.itertuples():
+        picks = next(iter(read_star(p / r.rlnMicrographCoordinates).values()))
+        tt = coords[[stem_of(m) == stem_of(r.rlnMicrographName)
+                     for m in coords["rlnMicrographMovieName"]]]
+        pxy = np.c_[picks["rlnCoordinateX"], picks["rlnCoordinateY"]]
+        for x, y in zip(tt["rlnCoordinateX"], tt["rlnCoordinateY"]):
+            total += 1
+            found += bool(len(pxy)) and np.min(np.hypot(*(pxy - [x, y]).T)) < 15
+    assert total > 50 and found / total > 0.6, (found, total)
+
+    # ranked 2D classes: a selection was made and it holds particles
+    sel = next(iter(sorted((p / "Select").glob("job*/class_averages.star"))))
+    parts = read_star(sel.parent / "particles.star")["particles"]
+    assert len(parts) > 20
+
+    if not HAS_3D:
+        pytest.xfail("app.jobs.inimodel3d / refine3d are not in the tree yet: the demo stops "
+                     "after the ranked 2D selection (checked above)")
+    t = demo.truth
+    assert t.get("resolution_fsc05_a") is not None, t
+    assert t["resolution_fsc05_a"] <= t["target_a"] + 1e-6, t
+
+
+def test_align_maps_recovers_a_rotated_mirrored_map(rng):
+    """The truth check's map alignment: a rotated, shifted, mirrored copy is found again."""
+    from compute.geometry import euler_to_matrix
+    from compute.simulate.molecules import density_map, molecule
+    from compute.symmetry import rotate_volume
+
+    vol = density_map(molecule("asym"), 32, 6.0).astype(np.float32)
+    moved = rotate_volume(vol, euler_to_matrix(40.0, 70.0, -25.0))[::-1]
+    moved = np.roll(moved, (1, -2, 1), axis=(0, 1, 2))
+    aligned, cc = align_maps(vol, np.ascontiguousarray(moved), step_deg=15.0)
+    assert cc > 0.9
+    # compared after a mild blur: two linear-interpolation rotations soften the fine detail
+    from scipy.ndimage import gaussian_filter
+
+    a, b = gaussian_filter(aligned, 1.0), gaussian_filter(vol, 1.0)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+    wrong = gaussian_filter(np.ascontiguousarray(moved), 1.0)
+    assert np.corrcoef(wrong.ravel(), b.ravel())[0, 1] < 0.8  # the unaligned copy is far off
+
+
+def _chromium(url: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp / 'chromium-profile'}", "--virtual-time-budget=5000",
+         *extra, url],
+        capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_report_opens_in_headless_chromium(demo, tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (installers/setup.sh test installs it)")
+    report = demo.report
+    assert report is not None and report.exists()
+    text = report.read_text(encoding="utf-8")
+    n_img = len(re.findall(r"<img ", text))
+    assert n_img >= 4  # CTF/drift, picks, classes, job times (+ maps and FSC with 3D)
+    dom = _chromium(report.as_uri(), tmp_path, "--dump-dom")
+    m = re.search(r"<title>report: images (\d+)/(\d+) loaded</title>", dom.stdout)
+    assert m, dom.stdout[-500:] + dom.stderr[-1500:]
+    assert int(m.group(1)) == int(m.group(2)) == n_img
+    shot = report.parent / "report_screenshot.png"
+    _chromium(report.as_uri(), tmp_path, f"--screenshot={shot}", "--window-size=1200,2400")
+    assert shot.exists() and shot.stat().st_size > 10_000
+    print(f"report screenshot: {shot}")
