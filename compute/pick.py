@@ -143,6 +143,7 @@ class LogMaps:
     diameter_a: np.ndarray     # diameter of that score
     excluded: np.ndarray       # bool: pixels belonging to blobs larger than the maximum
     pixel_size_yx_a: tuple[float, float]
+    offset_px: float           # micrograph coordinate of working pixel 0 (binning shift)
     threshold: np.ndarray      # per-pixel threshold: max(RELION's, the noise floor)
     mean: float
     std: float
@@ -184,12 +185,15 @@ def _even(n: float) -> int:
     return max(2, 2 * int(round(n / 2.0)))
 
 
-def downsample(mic, pixel_size_a: float, new_pixel_a: float, noise_band_a: tuple[float, float] | None = None):
+def downsample(mic, pixel_size_a: float, new_pixel_a: float,
+               noise_band_a: tuple[float, float] | None = None, binned_by: int = 1):
     """Fourier-crop a micrograph (any shape) to about ``new_pixel_a``.
 
     Returns the image (mean removed), the exact (y, x) pixel sizes of the result and the
     noise variance per *working* pixel estimated from the mean power in the resolution band
     ``noise_band_a`` = (low, high) Å, assuming white noise (``None`` when no band is given).
+    ``binned_by``: the image was binned by this factor, whose box-filter response is divided
+    out of the noise estimate.
     """
     xp = xp_of(mic)
     ny, nx = mic.shape
@@ -199,7 +203,8 @@ def downsample(mic, pixel_size_a: float, new_pixel_a: float, noise_band_a: tuple
     F = be.rfft2(a)
     noise_var = None
     if noise_band_a is not None:
-        noise_var = _band_noise_variance(F, (ny, nx), pixel_size_a, noise_band_a) * (my * mx) / (ny * nx)
+        noise_var = (_band_noise_variance(F, (ny, nx), pixel_size_a, noise_band_a, binned_by)
+                     * (my * mx) / (ny * nx))
     hy = my // 2
     G = xp.empty((my, mx // 2 + 1), dtype=F.dtype)
     G[:hy] = F[:hy, : mx // 2 + 1]
@@ -209,8 +214,17 @@ def downsample(mic, pixel_size_a: float, new_pixel_a: float, noise_band_a: tuple
     return small.astype(np.float32, copy=False), (ny * pixel_size_a / my, nx * pixel_size_a / mx), noise_var
 
 
+def _box_response(f: np.ndarray, b: int) -> np.ndarray:
+    """Response of a b-pixel box average at ``f`` cycles per binned pixel."""
+    if b <= 1:
+        return np.ones_like(f)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.sin(np.pi * f) / (b * np.sin(np.pi * f / b))
+    return np.where(np.abs(f) < 1e-12, 1.0, r)
+
+
 def _band_noise_variance(F, shape: tuple[int, int], pixel_size_a: float,
-                         band_a: tuple[float, float]) -> float:
+                         band_a: tuple[float, float], binned_by: int = 1) -> float:
     """Per-pixel variance of white noise with the mean power of ``F`` in a resolution band."""
     xp = xp_of(F)
     ny, nx = shape
@@ -224,11 +238,15 @@ def _band_noise_variance(F, shape: tuple[int, int], pixel_size_a: float,
     rx = int(math.ceil(k_hi * nx * pixel_size_a)) + 1
     rows = np.r_[0:min(ry, ny // 2), max(ny - ry, ny // 2):ny]
     sub = F[xp.asarray(rows)][:, :min(rx, F.shape[1])]
-    fy = (np.fft.fftfreq(ny)[rows] / pixel_size_a)[:, None]
-    fx = (np.fft.rfftfreq(nx)[: sub.shape[1]] / pixel_size_a)[None, :]
+    cy = np.fft.fftfreq(ny)[rows]
+    cx = np.fft.rfftfreq(nx)[: sub.shape[1]]
+    fy = (cy / pixel_size_a)[:, None]
+    fx = (cx / pixel_size_a)[None, :]
     k = np.sqrt(fy * fy + fx * fx)
-    sel = xp.asarray((k >= k_lo) & (k <= k_hi))
-    p = xp.abs(sub[sel]) ** 2
+    gain = (_box_response(cy, binned_by)[:, None] * _box_response(cx, binned_by)[None, :]) ** 2
+    m = (k >= k_lo) & (k <= k_hi)
+    sel = xp.asarray(m)
+    p = xp.abs(sub[sel]) ** 2 / xp.asarray(np.maximum(gain[m], 1e-3).astype(np.float32))
     if p.size == 0:
         return 0.0
     return float(to_numpy(p.mean())) / float(ny * nx)
@@ -263,8 +281,17 @@ def log_maps(mic, pixel_size_a: float, settings: LogPickerSettings,
     _check(mic, pixel_size_a, s)
     xp = xp_of(mic)
     band = (s.maxres_a, 0.6 * s.maxres_a)
-    small, (py, px), noise_var = downsample(mic, pixel_size_a, working_pixel_size(pixel_size_a, s),
-                                            noise_band_a=band)
+    work_a = working_pixel_size(pixel_size_a, s)
+    # bin in real space first while the binned Nyquist stays well beyond the noise band and
+    # the working Nyquist (a 4096² FFT is most of the cost otherwise)
+    b = max(1, int(min(work_a, 0.6 * s.maxres_a / 2.0) / (1.25 * pixel_size_a)))
+    offset = (b - 1) / 2.0
+    if b > 1:
+        ny0, nx0 = (mic.shape[0] // b) * b, (mic.shape[1] // b) * b
+        mic = mic[:ny0, :nx0].astype(np.float32, copy=False).reshape(
+            ny0 // b, b, nx0 // b, b).mean(axis=(1, 3))
+    small, (py, px), noise_var = downsample(mic, pixel_size_a * b, work_a, noise_band_a=band,
+                                            binned_by=b)
     my, mx = small.shape
     d_in, d_out = search_diameters(s)
     d_all = np.concatenate([d_in, d_out])
@@ -387,6 +414,7 @@ def log_maps(mic, pixel_size_a: float, settings: LogPickerSettings,
             excluded |= _dilate_by_scale(centres, oi, d_all, s.diameter_min_a, (py, px))
     thr = np.maximum(np.float32(mean + s.adjust_threshold * std), noise_thr)
     return LogMaps(score=score, diameter_a=diam, excluded=excluded, pixel_size_yx_a=(py, px),
+                   offset_px=offset,
                    threshold=thr, mean=mean, std=std, noise_sd=noise_sd[idx].astype(np.float32),
                    big_score=bo, big_diameter_a=None if oi is None else d_all[oi].astype(np.float32),
                    roundness=roundness,
@@ -411,9 +439,13 @@ def _dilate_by_scale(big: np.ndarray, scale_idx: np.ndarray, diameters: np.ndarr
 
 
 def _fft_convolve_same(a: np.ndarray, k: np.ndarray) -> np.ndarray:
-    from scipy.signal import fftconvolve
-
-    return fftconvolve(a, k, mode="same")
+    """Linear convolution of ``a`` with a small odd kernel ``k``, cropped to ``a``'s shape."""
+    ny, nx = a.shape
+    ky, kx = k.shape
+    sy, sx = be.next_fast_len(ny + ky - 1), be.next_fast_len(nx + kx - 1)
+    full = be.irfft2(be.rfft2(a, s=(sy, sx)) * be.rfft2(k, s=(sy, sx)), s=(sy, sx))
+    oy, ox = ky // 2, kx // 2
+    return full[oy:oy + ny, ox:ox + nx]
 
 
 def pick_log(mic, pixel_size_a: float, settings: LogPickerSettings,
@@ -500,8 +532,8 @@ def pick_log(mic, pixel_size_a: float, settings: LogPickerSettings,
     fx = _parabolic(score, yy, xx, axis=1)
     ny, nx = mic.shape
     # working-grid pixel i covers original pixels around i * (p_work / p_mic)
-    y_mic = (yy + fy) * (py / pixel_size_a)
-    x_mic = (xx + fx) * (px / pixel_size_a)
+    y_mic = (yy + fy) * (py / pixel_size_a) + maps.offset_px
+    x_mic = (xx + fx) * (px / pixel_size_a) + maps.offset_px
     r_px = dd / 2.0 / pixel_size_a
     inside = ((x_mic >= r_px) & (x_mic <= nx - 1 - r_px)
               & (y_mic >= r_px) & (y_mic <= ny - 1 - r_px))
