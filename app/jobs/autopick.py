@@ -29,6 +29,7 @@ import pandas as pd
 from app.errors import UserError
 from app.jobs.base import Job, JobContext, Option
 from compute import backend as be
+from compute.ctf import CtfParams
 from compute.pick import LogPickerSettings, Picks, pick_log
 from metadata.images import mrc_pixel_size, read_mrc
 from metadata.star import read_star, resolve_path, write_star
@@ -80,6 +81,27 @@ def micrograph_pixel_size(row: pd.Series, mic_path: Path) -> float:
         raise UserError(f"{mic_path}: no pixel size (no rlnMicrographPixelSize in the STAR file "
                         "and none in the MRC header)")
     return px
+
+
+def micrograph_ctf(row: pd.Series) -> CtfParams | None:
+    """The micrograph's CTF from its STAR row (with optics columns merged in), or None."""
+    need = ("rlnDefocusU", "rlnDefocusV", "rlnVoltage", "rlnSphericalAberration")
+    vals = {}
+    for c in need:
+        v = row.get(c)
+        if v is None or not np.isfinite(float(v)):
+            return None
+        vals[c] = float(v)
+    if vals["rlnDefocusU"] <= 0 or vals["rlnVoltage"] <= 0:
+        return None
+
+    def opt(col: str, default: float) -> float:
+        v = row.get(col)
+        return float(v) if v is not None and np.isfinite(float(v)) else default
+
+    return CtfParams(vals["rlnDefocusU"], vals["rlnDefocusV"], opt("rlnDefocusAngle", 0.0),
+                     vals["rlnVoltage"], vals["rlnSphericalAberration"],
+                     opt("rlnAmplitudeContrast", 0.1), opt("rlnPhaseShift", 0.0), 0.0)
 
 
 def coords_table(picks: Picks) -> pd.DataFrame:
@@ -150,7 +172,7 @@ class AutopickJob(Job):
                     path = resolve_path(names[i], project_dir=ctx.project_dir)
                     img, _ = read_mrc(path)
                     px = micrograph_pixel_size(row, path)
-                    picks = pick_log(img, px, settings)
+                    picks = pick_log(img, px, settings, ctf=micrograph_ctf(row))
                     write_star(coord_paths[names[i]], {"": coords_table(picks)})
                     total += len(picks)
                     ctx.progress(k + 1, len(todo), "picked")

@@ -79,6 +79,19 @@ def _ok(job_dir: Path) -> None:
     assert (job_dir / SUCCESS).exists()
 
 
+def test_micrograph_ctf_from_star_row(sims):
+    from app.jobs.autopick import micrograph_ctf
+
+    row = _mics_table(sims, 1).iloc[0].to_dict() | OPTICS.iloc[0].to_dict()
+    c = micrograph_ctf(pd.Series(row))
+    t = sims[0].truth.ctf
+    assert c.defocus_u_a == pytest.approx(t.defocus_u_a)
+    assert c.defocus_angle_deg == pytest.approx(t.defocus_angle_deg)
+    assert c.voltage_kv == 300.0 and c.cs_mm == 2.7 and c.amplitude_contrast == 0.1
+    row.pop("rlnDefocusU")
+    assert micrograph_ctf(pd.Series(row)) is None
+
+
 def test_relion_post_name():
     assert relion_post_name("MotionCorr/job002/Movies/a.mrc") == "Movies/a"
     assert relion_post_name("Movies/a.tiff") == "Movies/a"
