@@ -120,6 +120,7 @@ class ClassGallery(QtWidgets.QWidget):
         self._tiles: dict[int, ClassTile] = {}
         self._work = None
         self._work_data: GalleryData | None = None
+        self._threshold_touched = False
 
         self.sort_box = QtWidgets.QComboBox()
         self.sort_box.addItems([f"by {k}" for k in SORT_KEYS])
@@ -130,6 +131,7 @@ class ClassGallery(QtWidgets.QWidget):
         self.slider.setValue(round(self.model.threshold * 100))
         self.slider.setToolTip("ranker score threshold: classes at or above it are selected")
         self.slider.valueChanged.connect(self._on_threshold)
+        self.slider.sliderMoved.connect(lambda _v: setattr(self, "_threshold_touched", True))
         self.threshold_label = QtWidgets.QLabel()
         self.threshold_label.setMinimumWidth(110)
         self.summary = QtWidgets.QLabel("no classes yet")
@@ -181,12 +183,15 @@ class ClassGallery(QtWidgets.QWidget):
         Tiles are updated :attr:`CHUNK` at a time from the event loop; :attr:`pending` is
         True until the last chunk is done (then the grid is laid out and outlined).
         """
+        first = self.model.data is None
         self.model.set_data(data)
         numbers = [int(c) for c in data.class_numbers]
         for c in set(self._tiles) - set(numbers):
             self.scene.removeItem(self._tiles.pop(c))
         self._work = iter(range(len(numbers)))
         self._work_data = data
+        if first and data.threshold is not None and not self._threshold_touched:
+            self.set_threshold(data.threshold)  # the scheme's value until the operator moves it
         sel = data.select_job or "no ranker output yet"
         self.title.setText(f"{data.class2d_job} iteration {data.iteration} · {sel}")
         self._next_chunk()

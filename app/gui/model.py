@@ -324,6 +324,10 @@ class GalleryData:
     resolution_a: np.ndarray  # (N,) float
     select_job: str | None = None
     reference_images: list[str] = field(default_factory=list)
+    #: the operator's earlier choices for this job (from ranker_feedback.star): class -> bool
+    stored_overrides: dict[int, bool] = field(default_factory=dict)
+    #: the select job's rank_threshold (None: unknown)
+    threshold: float | None = None
 
     def __len__(self) -> int:
         return int(self.class_numbers.shape[0])
@@ -340,8 +344,9 @@ class GalleryModel:
         self.overrides: dict[int, bool] = {}
 
     def set_data(self, data: GalleryData) -> None:
+        """New classes; a different Class2D job starts from the choices stored for it."""
         if self.data is None or data.class2d_job != self.data.class2d_job:
-            self.overrides = {}
+            self.overrides = dict(data.stored_overrides)
         self.data = data
 
     def order(self) -> np.ndarray:

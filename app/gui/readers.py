@@ -439,7 +439,32 @@ class ProjectReader:
         if sel is not None:
             select_job = sel.relative_to(self.project).as_posix() + "/"
             scores = self._scores(sel / "rank_model.star", numbers)
-        return GalleryData(job, it, numbers, images, scores, dist, n_parts, res, select_job, refs)
+        out = GalleryData(job, it, numbers, images, scores, dist, n_parts, res, select_job, refs)
+        if sel is not None:
+            out.stored_overrides = self._stored_choices(sel)
+            out.threshold = self._select_threshold(sel)
+        return out
+
+    def _stored_choices(self, select_dir: Path) -> dict[int, bool]:
+        """Classes where the operator overrode the ranker (``ranker_feedback.star``)."""
+        p = select_dir / "ranker_feedback.star"
+        if not p.exists():
+            return {}
+        t = self._star(p).get("feedback")
+        if t is None or not {"rlnClassNumber", "rlnSelected", "rlnAutoSelected"} <= set(t):
+            raise MetadataError("no data_feedback table with rlnClassNumber, rlnSelected, "
+                                "rlnAutoSelected", p)
+        diff = t[t["rlnSelected"].astype(int) != t["rlnAutoSelected"].astype(int)]
+        return {int(c): bool(int(v)) for c, v in zip(diff["rlnClassNumber"], diff["rlnSelected"])}
+
+    def _select_threshold(self, select_dir: Path) -> float | None:
+        from app.schemes.jobstar import read_job_star
+
+        try:
+            v = _to_float(read_job_star(select_dir / "job.star").options.get("rank_threshold"))
+        except USER_ERRORS_ALL:
+            return None
+        return v if np.isfinite(v) else None
 
     def _class_counts(self, model_path: Path, numbers: np.ndarray, dist: np.ndarray
                       ) -> np.ndarray:

@@ -328,10 +328,13 @@ class SetupWindow(QtWidgets.QMainWindow):
             self.open_project(path)
 
     def open_project(self, path: str) -> None:
-        if not (Path(path) / "Schemes").is_dir():
-            self.notifier.error(f"{path}: not a scopeside/RELION project (no Schemes folder)")
-            return
-        self.project_opened.emit(str(path))
+        """Monitor an existing project (checked on the worker: the folder may be remote)."""
+        def check(p: str) -> str:
+            if not (Path(p) / "Schemes").is_dir():
+                raise be.UserError(f"{p}: not a scopeside/RELION project (no Schemes folder)")
+            return p
+
+        self.runner.submit(check, str(path), on_result=self.project_opened.emit)
 
     def closeEvent(self, ev: QtGui.QCloseEvent) -> None:  # noqa: N802
         self.runner.stop()

@@ -44,6 +44,7 @@ def test_controller_opens_monitor_and_returns_to_setup(qtbot, tmp_path, rng):
     qtbot.addWidget(ctl.setup)
     ctl.setup.show()
     ctl.setup.open_project(str(tmp_path))
+    qtbot.waitUntil(lambda: tmp_path.resolve() in ctl.monitors, timeout=10000)
     win = ctl.monitors[tmp_path.resolve()]
     assert win.isVisible() and not ctl.setup.isVisible()
     qtbot.waitUntil(lambda: win.gallery.model.data is not None, timeout=20000)

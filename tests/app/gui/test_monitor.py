@@ -105,6 +105,22 @@ def test_monitor_shows_outputs_and_stores_choices(qtbot, tmp_path, rng):
         assert fb["rlnSelected"].to_numpy().tolist() == expect.tolist()
         assert fb["rlnAutoSelected"].sum() == expect.sum() - 1
 
+        # reopening shows the stored choice and the select job's threshold again
+        from app.schemes.jobstar import read_job_star, write_job_star
+
+        js_path = tmp_path / "Select/job008/job.star"
+        js = read_job_star(js_path)
+        js.options["rank_threshold"] = "0.3"
+        write_job_star(js_path, js)
+        win2 = MonitorWindow(tmp_path, interval_ms=300)
+        qtbot.addWidget(win2)
+        qtbot.waitUntil(lambda: win2.gallery.model.data is not None
+                        and not win2.gallery.pending, timeout=20000)
+        assert win2.gallery.model.overrides == {worst: True}
+        assert win2.gallery.tile(worst).selected
+        assert win2.gallery.model.threshold == 0.3 and win2.gallery.slider.value() == 30
+        win2.close()
+
         # a damaged file is a message, the window keeps working
         (tmp_path / "CtfFind/job003/micrographs_ctf.star").write_text("data_micrographs\nloop_\n")
         qtbot.waitUntil(lambda: any("micrographs_ctf.star" in m

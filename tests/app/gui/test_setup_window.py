@@ -122,7 +122,8 @@ def test_bad_inputs_give_messages_not_crashes(qtbot, win, tmp_path):
 
 
 def test_open_project_that_is_not_one(qtbot, win, tmp_path):
-    win.open_project(str(tmp_path))
+    with qtbot.waitSignal(win.notifier.message, timeout=5000):
+        win.open_project(str(tmp_path))
     assert "not a scopeside/RELION project" in win.notes.messages("error")[0]
 
 
