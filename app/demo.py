@@ -66,6 +66,9 @@ class DemoConfig:
     dose_per_frame_e_a2: float = 5.0
     molecule: str = "asym"
     particles_per_movie: int | None = 110
+    #: particle phase contrast (simulator's dV, volts; 2 = its default): 4 makes a 57 kDa
+    #: particle as visible as a larger complex, so LoG picking finds most of them
+    protein_contrast_v: float = 4.0
     defocus_um: tuple[float, float] = (1.0, 2.2)
     nr_classes: int = 12
     nr_iter_grad: int = 60
@@ -136,7 +139,7 @@ def _epu_layout(n: int) -> tuple[int, int, int]:
 def session_spec(cfg: DemoConfig):
     from app.simulation.session import SessionSpec
 
-    kw: dict = {"molecules": (cfg.molecule,)}
+    kw: dict = {"molecules": (cfg.molecule,), "protein_contrast_v": cfg.protein_contrast_v}
     if cfg.particles_per_movie:
         kw["n_particles"] = int(cfg.particles_per_movie)
     return SessionSpec(
@@ -621,6 +624,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         return st == "success"
 
     prep_marker, proc_marker = state_dir / "prep_done", state_dir / "proc_done"
+    _job_environment()
     threads: list[SchemeThread] = []
     message = ""
     try:
@@ -670,6 +674,16 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     return result
 
 
+def _job_environment() -> None:
+    """Jobs run as child processes from the project folder: put this checkout first on their
+    PYTHONPATH so they import the same code as the demo (a stale editable install can map
+    a package such as ``resources`` as a namespace without its ``__init__``)."""
+    repo = str(Path(__file__).resolve().parents[1])
+    cur = os.environ.get("PYTHONPATH", "")
+    if repo not in cur.split(os.pathsep):
+        os.environ["PYTHONPATH"] = repo + (os.pathsep + cur if cur else "")
+
+
 def open_gui_monitor(project: Path, prog: Progress) -> None:
     """Open the GUI engineer's monitor (``scopeside gui --project``) in its own process: it
     follows the project from its files, so it shows these schemes as they run."""
@@ -686,7 +700,7 @@ def open_gui_monitor(project: Path, prog: Progress) -> None:
 def _check_same_config(cfg: DemoConfig, path: Path) -> None:
     """A second run in the same ``--out`` must simulate the same session."""
     keys = ("n_movies", "software", "shape", "n_frames", "pixel_size_a", "molecule", "seed",
-            "particles_per_movie", "dose_per_frame_e_a2")
+            "particles_per_movie", "dose_per_frame_e_a2", "protein_contrast_v")
     now = {k: getattr(cfg, k) for k in keys}
     old = _read_json(path, None)
     if old is not None and old != json.loads(json.dumps(now)):

@@ -161,7 +161,7 @@ def _section_acquisition(project: Path, session: Path | None) -> str:
     if ds.exists():
         js = json.loads(ds.read_text(encoding="utf-8"))
         st, prov = js.get("settings", {}), js.get("provenance", {})
-        rows = [(k, st.get(k), prov.get(k, "default")) for k in
+        rows = [(k, st.get(k), _short_source(prov.get(k, "default"))) for k in
                 ("pixel_size_a", "voltage_kv", "cs_mm", "dose_per_frame_e_a2",
                  "super_resolution", "gain_reference", "movies_glob", "particle_diameter_a",
                  "symmetry", "picker", "max_ctf_resolution_a", "rank_threshold",
@@ -174,6 +174,14 @@ def _section_acquisition(project: Path, session: Path | None) -> str:
     if not parts:
         return "<p>No session summary in the project.</p>"
     return "\n".join(parts)
+
+
+def _short_source(src: str) -> str:
+    """``metadata: /long/path/file.xml:Field`` -> ``metadata: file.xml:Field``."""
+    head, sep, rest = src.partition(": ")
+    if sep and "/" in rest:
+        return f"{head}: {rest.rsplit('/', 1)[-1]}"
+    return src
 
 
 def _section_ctf(project: Path, figs: _Figures, session: Path | None) -> str:
@@ -214,11 +222,12 @@ def _section_ctf(project: Path, figs: _Figures, session: Path | None) -> str:
     mot = mics["rlnAccumMotionTotal"].to_numpy(float) if "rlnAccumMotionTotal" in mics else None
     if mot is not None:
         axs[2].bar(x, mot, color="C1", label="estimated")
-        if truth:
-            tmot = np.array([getattr(r, "rlnAccumMotionTotal", np.nan) if r is not None
-                             else np.nan for r in tv])
-            axs[2].plot(x, tmot, "x", color="k", label="simulated truth")
-            axs[2].legend(fontsize=8)
+        if session is not None:
+            tmot = np.array([_true_motion_a(session, m, mics)
+                             for m in mics["rlnMicrographMovieName"]])
+            if np.isfinite(tmot).any():
+                axs[2].plot(x, tmot, "x", color="k", label="simulated truth")
+                axs[2].legend(fontsize=8)
         axs[2].set(xlabel="micrograph", ylabel="Å", title="Total motion (drift)")
     fig.tight_layout()
     rows = [("micrographs with CTF", n),
@@ -228,6 +237,21 @@ def _section_ctf(project: Path, figs: _Figures, session: Path | None) -> str:
     if mot is not None:
         rows.append(("total motion median (Å)", float(np.median(mot))))
     return figs.save(fig, "ctf_drift") + _table(rows)
+
+
+def _true_motion_a(session: Path, movie: str, mics) -> float:
+    """Total global motion (Å) of a simulated movie from ``ground_truth/<stem>_shifts.star``
+    (per-frame shifts in pixels, RELION's convention) times the movie pixel size."""
+    from app.demo import stem_of
+
+    t = _star(session / "ground_truth" / f"{stem_of(movie)}_shifts.star")
+    g = next(iter(t.values()), None) if t else None
+    opt = _star(session / "ground_truth" / "movies_truth.star").get("optics")
+    if g is None or opt is None or len(g) < 2:
+        return float("nan")
+    px = float(opt["rlnMicrographOriginalPixelSize"].iloc[0])
+    xy = np.c_[g["rlnMicrographShiftX"], g["rlnMicrographShiftY"]].astype(float)
+    return float(np.hypot(*np.diff(xy, axis=0).T).sum() * px)
 
 
 def _section_picks(project: Path, figs: _Figures, session: Path | None) -> str:
