@@ -96,6 +96,39 @@ def run_one(d: float, size: int, px: float, seed: int) -> dict:
                 true=n_true, junk=junk, n_stack=len(stack16), box=b.box_px, small=b.small_box_px)
 
 
+def extraction_quality(d: float, px: float = 1.0, size: int = 2048) -> dict:
+    """Background statistics and centring of particles extracted at the true positions."""
+    from compute.fourier import radius_grid
+
+    kw = dict(pixel_size_a=px, molecules=[globular(d)], n_particles=60, seed=7,
+              min_distance_a=2.2 * d)
+    b = box_sizes(d, px)
+    mg = simulate_micrograph(size, **kw)
+    t = mg.truth.particles
+    ex = extract_particles(mg.image, t["x_px"], t["y_px"], b.box_px, px,
+                          rescale_box=b.small_box_px)
+    st = be.to_numpy(ex.stack)
+    r = radius_grid(st.shape[1:])
+    bg = st[:, r > (d / 2) / ex.pixel_size_a]
+    clean = simulate_micrograph(size, noise=False, thon_contrast=0.0, ice_variation=0.0,
+                                gradient=0.0, defocus_um=0.5, astigmatism_a=0.0,
+                                phase_shift_deg=90.0, **kw)
+    tc = clean.truth.particles
+    ec = be.to_numpy(extract_particles(clean.image, tc["x_px"], tc["y_px"], b.box_px, px,
+                                       rescale_box=b.small_box_px).stack)
+    n = b.small_box_px
+    inside = radius_grid((n, n)) <= 0.75 * n / 2
+    yy, xx = np.mgrid[0:n, 0:n]
+    err = []
+    for img in ec:
+        w = np.where(inside, img, 0.0)
+        err.append(np.hypot((w * yy).sum() / w.sum() - n // 2, (w * xx).sum() / w.sum() - n // 2))
+    return dict(n=len(st), bg_mean=float(bg.mean()), bg_std=float(bg.std()),
+                per_particle_mean_max=float(np.abs(bg.mean(axis=1)).max()),
+                centre_err_median=float(np.median(err)), centre_err_max=float(np.max(err)),
+                box=b.box_px, small=n)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=3, help="micrographs per diameter")
@@ -110,6 +143,7 @@ def main() -> None:
           f"{be.n_workers()}, {os.cpu_count()} CPUs")
     print(f"{'diam':>5} {'seed':>4} {'true':>5} {'picks':>5} {'prec':>6} {'recall':>6} "
           f"{'pick s':>7} {'extr s':>7} {'total s':>7}  junk not picked (agg, ice, carbon)")
+    quality = []
     for d in (float(x) for x in a.diameters.split(",")):
         rows = [run_one(d, a.size, a.pixel, seed) for seed in range(a.n)]
         for r in rows:
@@ -125,10 +159,19 @@ def main() -> None:
         jn = sum(sum(v[0] for v in r["junk"].values()) for r in rows)
         jt = sum(sum(v[1] for v in r["junk"].values()) for r in rows)
         tt = np.mean([r["t_pick"] + r["t_ext"] for r in rows])
+        q = extraction_quality(d, a.pixel)
+        quality.append((d, q))
         print(f"{d:5.0f}  all {nt:5d} {npk:5d} {tp / max(npk, 1):6.3f} {tp / max(nt, 1):6.3f} "
               f"{np.mean([r['t_pick'] for r in rows]):7.2f} "
               f"{np.mean([r['t_ext'] for r in rows]):7.2f} {tt:7.2f}  "
               f"junk not picked {jn}/{jt} = {jn / max(jt, 1):.2f}")
+    print("\n# extraction at the true positions (2048², relion_it boxes, down-scaled)")
+    print(f"{'diam':>5} {'box':>9} {'n':>4} {'bg mean':>8} {'bg std':>7} {'max |mean|/ptcl':>15} "
+          f"{'centre err median/max (px, small box)':>38}")
+    for d, q in quality:
+        print(f"{d:5.0f} {q['box']:4d}->{q['small']:<4d} {q['n']:4d} {q['bg_mean']:8.4f} "
+              f"{q['bg_std']:7.4f} {q['per_particle_mean_max']:15.2e} "
+              f"{q['centre_err_median']:18.2f} / {q['centre_err_max']:.2f}")
 
 
 if __name__ == "__main__":

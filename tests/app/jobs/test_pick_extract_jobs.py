@@ -117,6 +117,21 @@ def test_select_by_value_and_continue(project, sims):
     assert "rlnNoSuchLabel" in (project / "Select/job009" / FAILURE).read_text()
 
 
+def test_select_particles_by_value(tmp_path):
+    parts = pd.DataFrame({"rlnImageName": [f"{i:06d}@Extract/job006/a.mrcs" for i in (1, 2, 3)],
+                          "rlnAutopickFigureOfMerit": [0.5, 2.0, 3.5], "rlnOpticsGroup": 1})
+    write_star(tmp_path / "Extract/job006/particles.star", {"optics": OPTICS, "particles": parts})
+    opts = {"fn_data": "Extract/job006/particles.star", "do_select_values": "Yes",
+            "select_label": "rlnAutopickFigureOfMerit", "select_minval": "1",
+            "select_maxval": "3"}
+    assert run_job("select", "Select/job012", opts, project_dir=tmp_path) == 0
+    out = read_star(tmp_path / "Select/job012/particles.star")
+    assert out["particles"]["rlnImageName"].tolist() == ["000002@Extract/job006/a.mrcs"]
+    assert "optics" in out
+    assert run_job("select", "Select/job013", {"fn_data": "Extract/job006/particles.star"},
+                   project_dir=tmp_path) == 1
+
+
 def test_select_calls_the_class_ranker(project, monkeypatch):
     seen = {}
     fake = types.ModuleType("app.jobs.rank_select")
