@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -259,12 +258,32 @@ def bench_memory(args):
                "--particle_diameter", "160", "--psi_sampling", "12", "--offset_range", "5",
                "--offset_step", "2"]
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-        rc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True).returncode
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        # VmHWM of the job itself (ru_maxrss of children would include the pre-exec fork of
+        # this process, which holds the generated stack)
+        peak, anon = 0, 0
+        while proc.poll() is None:
+            try:
+                st = dict(line.split(":", 1) for line in
+                          Path(f"/proc/{proc.pid}/status").read_text().splitlines() if ":" in line)
+                peak = max(peak, int(st["VmHWM"].split()[0]) // 1024)
+                anon = max(anon, int(st.get("RssAnon", "0 kB").split()[0]) // 1024)
+            except (OSError, KeyError, ValueError):
+                pass
+            if args.max_seconds and time.perf_counter() - t0 > args.max_seconds:
+                proc.terminate()
+                proc.wait()
+                break
+            time.sleep(1.0)
+        rc = proc.returncode
+        log = (root / "Class2D/job001/run.out")
+        last = log.read_text().strip().splitlines()[-1] if log.exists() else ""
         print(f"memory: {n} particles, K={args.k}, {args.iters} mini-batches + final pass: "
               f"rc {rc}, {time.perf_counter() - t0:.0f} s, peak RSS of the job process "
-              f"{peak:.0f} MiB (the stack is {n * 64 * 64 * 2 / 2**20:.0f} MiB on disk, "
-              f"memory-mapped) ({load_note()})")
+              f"{peak} MiB (anonymous at most {anon} MiB; the rest are pages of the "
+              f"memory-mapped stack, {n * 64 * 64 * 2 / 2**20:.0f} MiB on disk) "
+              f"({load_note()}); last progress line: {last}")
 
 
 def table(rows):
@@ -291,6 +310,8 @@ def main():
     ap.add_argument("--psi", type=float, default=12.0)
     ap.add_argument("--step", type=float, default=2.0)
     ap.add_argument("--skip-noreplace", action="store_true")
+    ap.add_argument("--max-seconds", type=float, default=0.0,
+                    help="memory set: stop the job after this long (the peak is reached early)")
     args = ap.parse_args()
     defaults = {"standard": (10_000, 50, 200), "anchor": (5_000, 20, 200),
                 "memory": (100_000, 100, 3)}[args.set]
