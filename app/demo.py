@@ -267,6 +267,11 @@ def confirm_settings(cfg: DemoConfig, session: Path, n_truth_particles: int):
 # ------------------------------------------------------------------------------ 3. project
 
 
+def ranker_weights() -> Path:
+    """The shipped class-ranker weights (``resources/ranker/ranker.pt``)."""
+    return Path(__file__).resolve().parents[1] / "resources" / "ranker" / "ranker.pt"
+
+
 def demo_job_options(cfg: DemoConfig) -> list[tuple[str, str, str, str]]:
     """(scheme, job, option, value): the small-demo settings on top of relion_it's."""
     it = int(cfg.nr_iter_grad)
@@ -277,6 +282,14 @@ def demo_job_options(cfg: DemoConfig) -> list[tuple[str, str, str, str]]:
         ("proc", "class2d", "nr_classes", str(cfg.nr_classes)),
         ("proc", "class2d", "nr_iter_grad", str(it)),
         ("proc", "select_parts", "fn_model", f"Schemes/proc/class2d/run_it{it:03d}_optimiser.star"),
+        *([] if ranker_weights().exists() else [
+            # no class-ranker weights in this checkout: keep every particle (logged, reported)
+            ("proc", "select_parts", "do_class_ranker", "No"),
+            ("proc", "select_parts", "do_select_values", "Yes"),
+            ("proc", "select_parts", "fn_data", f"Schemes/proc/class2d/run_it{it:03d}_data.star"),
+            ("proc", "select_parts", "select_label", "rlnClassNumber"),
+            ("proc", "select_parts", "select_minval", "-9999"),
+            ("proc", "select_parts", "select_maxval", "9999")]),
         ("proc", "inimodel3d", "nr_iter", str(cfg.inimodel_iter)),
         ("proc", "inimodel3d", "nr_classes", "1"),
     ]
@@ -286,6 +299,8 @@ def make_project(cfg: DemoConfig, project: Path, session: Path, settings) -> Non
     from app.schemes import api
 
     if (project / "Schemes" / "proc" / "scheme.star").exists():
+        for scheme, job, opt, value in demo_job_options(cfg):  # unchanged values: no-ops
+            api.set_job_option(project, scheme, job, opt, value)
         return
     if (project / "Schemes").exists():
         shutil.rmtree(project / "Schemes")  # killed while creating it: create it again
@@ -295,6 +310,9 @@ def make_project(cfg: DemoConfig, project: Path, session: Path, settings) -> Non
         link.symlink_to(os.path.relpath(session.resolve(), project.resolve()),
                         target_is_directory=True)
     api.create_project(project, settings)
+    if not ranker_weights().exists():
+        log.warning("%s missing: select_parts keeps all particles instead of ranking classes",
+                    ranker_weights())
     for scheme, job, opt, value in demo_job_options(cfg):
         api.set_job_option(project, scheme, job, opt, value)
 
@@ -306,9 +324,9 @@ class SchemeThread:
     """One scheme run by :class:`app.schemes.Schemer` in a thread, with a stop rule checked at
     every ``WAIT`` node (the stop event is then taken while the scheme sleeps)."""
 
-    def __init__(self, project: Path, name: str, done: Callable[[], bool],
+    def __init__(self, project: Path, name: str, done: Callable[[], bool], marker: Path,
                  on_event: Callable | None = None):
-        self.project, self.name, self.done = project, name, done
+        self.project, self.name, self.done, self.marker = project, name, done, marker
         self.stop = threading.Event()
         self.result = None
         self.error: BaseException | None = None
@@ -333,6 +351,10 @@ class SchemeThread:
                                   on_event=self._event, input_wait_s=120.0).run(self.stop)
         except BaseException as exc:  # reported by the caller
             self.error = exc
+            return
+        if self.result.state == "aborted" and self.stop.is_set() and self.done():
+            # our stop rule: the wanted work is done (marker read by the other scheme's rule)
+            self.marker.write_text(f"{time.time()}\n", encoding="utf-8")
 
     def start(self) -> SchemeThread:
         self.thread.start()
@@ -629,14 +651,13 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     message = ""
     try:
         if not prep_marker.exists():
-            prep = SchemeThread(project, "prep", prep_done).start()
-            threads.append(prep)
+            threads.append(SchemeThread(project, "prep", prep_done, prep_marker).start())
         if cfg.live and not proc_marker.exists():
-            threads.append(SchemeThread(project, "proc", proc_done).start())
+            threads.append(SchemeThread(project, "proc", proc_done, proc_marker).start())
         message = _monitor(cfg, project, threads, prog, timeline, prep_marker, proc_marker,
                            sim_thread, sim_error)
         if not message and not proc_marker.exists():
-            proc = SchemeThread(project, "proc", proc_done).start()
+            proc = SchemeThread(project, "proc", proc_done, proc_marker).start()
             message = _monitor(cfg, project, [proc], prog, timeline, prep_marker, proc_marker,
                                None, [])
     finally:
@@ -803,9 +824,7 @@ def _monitor(cfg: DemoConfig, project: Path, threads: list[SchemeThread], prog: 
         r = t.result
         if r is None:
             continue
-        if r.state == "aborted" and t.stop.is_set():  # our stop rule: the wanted work is done
-            (prep_marker if t.name == "prep" else proc_marker).write_text(
-                f"{time.time()}\n", encoding="utf-8")
+        if t.marker.exists():
             prog.say(f"scheme {t.name}: done, stopped at WAIT")
         else:
             msg = f"scheme {t.name} {r.state}: {r.message}"

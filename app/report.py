@@ -316,14 +316,23 @@ def _section_classes(project: Path, figs: _Figures) -> str:
     d = _scheme_job_dir(project, "proc", "select_parts") or _latest_success(project, "Select")
     ca = _star(d / "class_averages.star") if d else {}
     tab = next(iter(ca.values()), None) if ca else None
+    note = ""
     if tab is None or len(tab) == 0:
-        return "<p>No ranked 2D classes yet.</p>"
+        tab, d2 = _class2d_model(project)
+        if tab is None:
+            return "<p>No 2D classes yet.</p>"
+        note = (f"<p class=small>No class-ranker output (selection by ranker not run): classes "
+                f"of {d2.relative_to(project).as_posix()} sorted by their share of the "
+                f"particles.</p>")
     sel = {}
     bs = _star(d / "backup_selection.star")
     bt = next(iter(bs.values()), None) if bs else None
     if bt is not None and "rlnSelected" in bt:
         sel = {i + 1: int(v) for i, v in enumerate(bt["rlnSelected"])}
-    score_col = "rlnPredictedClassScore" if "rlnPredictedClassScore" in tab else "rlnClassScore"
+    score_col = next((c for c in ("rlnPredictedClassScore", "rlnClassScore",
+                                  "rlnClassDistribution") if c in tab), None)
+    if score_col is None:
+        return "<p>2D class table without scores.</p>"
     tab = tab.sort_values(score_col, ascending=False)
     n = len(tab)
     cols = min(8, n)
@@ -334,7 +343,7 @@ def _section_classes(project: Path, figs: _Figures) -> str:
         ax.axis("off")
     for ax, r in zip(axs.ravel(), tab.itertuples()):
         img = _image_ref(r.rlnReferenceImage, project)
-        k = int(getattr(r, "rlnClassNumber", 0))
+        k = int(getattr(r, "rlnClassNumber", 0) or int(str(r.rlnReferenceImage).split("@")[0]))
         s = float(getattr(r, score_col))
         chosen = sel.get(k, 0) == 1
         n_sel += chosen
@@ -352,11 +361,23 @@ def _section_classes(project: Path, figs: _Figures) -> str:
         ax.set_yticks([])
     fig.suptitle("2D classes sorted by ranker score (green frame: selected)", fontsize=9)
     fig.tight_layout()
-    parts = _star(d / "particles.star").get("particles")
+    parts = _star(d / "particles.star").get("particles") if d else None
     rows = [("classes", n), ("classes selected", n_sel),
             ("particles selected", None if parts is None else len(parts)),
-            ("selection job", d.relative_to(project).as_posix())]
-    return figs.save(fig, "classes") + _table(rows)
+            ("selection job", d.relative_to(project).as_posix() if d else "-")]
+    return note + figs.save(fig, "classes") + _table(rows)
+
+
+def _class2d_model(project: Path):
+    """(model_classes table, job dir) of the newest finished Class2D job's last iteration."""
+    d = _latest_success(project, "Class2D")
+    if d is None:
+        return None, None
+    models = sorted(d.glob("run_it[0-9][0-9][0-9]_model.star"))
+    if not models:
+        return None, None
+    t = _star(models[-1]).get("model_classes")
+    return (t, d) if t is not None and len(t) else (None, None)
 
 
 def _slices(vol: np.ndarray) -> list[np.ndarray]:

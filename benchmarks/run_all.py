@@ -69,7 +69,9 @@ SPECS: dict[str, Spec] = {
         "class ranker speed and accuracy on unseen molecules"),
     "bench_schemer": Spec(
         ["--passes", "300"], [],
-        [("p99 ms per node (saved every step)", r"every step[^\n]*?\s([\d.]+)\s*$")],
+        [("total s (saved every step)", r"every step saved, project disk\s+([\d.]+)"),
+         ("p99 ms per node", r"every step saved, project disk\s+[\d.]+\s+\d+\s+[\d.]+\s+[\d.]+"
+                             r"\s+([\d.]+)")],
         "schemer loop overhead"),
     "bench_metadata": Spec(
         ["--n", "1000"], [],
