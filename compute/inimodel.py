@@ -48,6 +48,7 @@ class InitialModelParams:
     do_ctf: bool = True
     seed: int = 1
     ini_resolution_a: float = 40.0       # resolution of the first mini-batches
+    fin_resolution_a: float = 15.0       # resolution limit reached at the end of the middle phase
     max_resolution_a: float | None = None  # never go beyond (default: Nyquist)
     resolution_increment_shells: int = 3
     coarse_order: int = 1                # HEALPix order of the global coarse grid (30 deg)
@@ -119,6 +120,19 @@ class InitialModel3D:
         if self.params.max_resolution_a:
             lim = min(lim, n * px / self.params.max_resolution_a)
         return float(lim)
+
+    def _scheduled_rmax(self, iteration: int) -> float:
+        """Resolution limit allowed at a mini-batch: ``ini_resolution_a`` for the initial phase,
+        then linear in 1/resolution up to ``fin_resolution_a`` at the end of the middle phase.
+        The FSC between the half-set moments shares the current reference and so is
+        optimistic; this cap keeps the early, noisy mini-batches at low resolution (and cheap)."""
+        n, px = self.source.box, self.source.pixel_size_a
+        sp = self.schedule.params
+        a = sp.ini_frac * self.params.n_iter
+        b = (1.0 - sp.fin_frac) * self.params.n_iter
+        t = float(np.clip((iteration - a) / max(b - a, 1e-9), 0.0, 1.0))
+        inv = (1 - t) / self.params.ini_resolution_a + t / self.params.fin_resolution_a
+        return float(n * px * inv)
 
     def _mask_refs(self, refs):
         real = self.estep.to_real(refs) * self.estep.mask3d
@@ -243,6 +257,7 @@ class InitialModel3D:
                                             inactivity_threshold=rho)
         if self.state.iteration >= 3:
             r = self.resolution_shell() + self.params.resolution_increment_shells
+            r = min(r, self._scheduled_rmax(self.state.iteration))
             self.r_max = float(min(self._max_rmax(), max(self._ini_rmax(), r)))
         dt = time.perf_counter() - t0
         self.total_seconds += dt

@@ -251,3 +251,48 @@ def align_to_symmetry(vol, name: str, **kw) -> tuple[np.ndarray, np.ndarray, flo
     P, score = find_symmetry_placement(vol, name, **kw)
     aligned = rotate_volume(vol, P.T)
     return symmetrise(aligned, name), P, score
+
+
+def align_map_to_reference(vol, ref, coarse_step_deg: float = 30.0, work_box: int = 16,
+                           refine_box: int = 32, allow_mirror: bool = True
+                           ) -> tuple[np.ndarray, float, bool]:
+    """Rotate ``vol`` (and mirror it when that fits better: a de novo model's hand is
+    arbitrary) onto ``ref``. Returns ``(aligned_map, correlation, mirrored)``.
+
+    Coarse search over SO(3) (HEALPix directions x in-plane angles at ``coarse_step_deg``) on
+    down-sampled copies, then a simplex refinement of a rotation vector on ``refine_box``
+    copies. Used to compare an initial model with the ground truth (tests, benchmarks).
+    """
+    from scipy.optimize import minimize
+
+    from compute.fourier import fourier_crop
+    from compute.orientations import grid_matrices, order_for_step
+
+    v = be.to_numpy(vol).astype(np.float32)
+    r = be.to_numpy(ref).astype(np.float32)
+    n = v.shape[0]
+    crop = (lambda a, m: fourier_crop(a, (m,) * 3) if n > m else a)  # noqa: E731
+    cands = grid_matrices(order_for_step(coarse_step_deg))
+    best = (-2.0, None, False)
+    rs = crop(r, work_box)
+    for mirror in ((False, True) if allow_mirror else (False,)):
+        vv = v[::-1].copy() if mirror else v
+        vs = crop(vv, work_box)
+        scores = np.array([_corr(rotate_volume(vs, M), rs) for M in cands])
+        i = int(np.argmax(scores))
+        if scores[i] > best[0]:
+            best = (float(scores[i]), cands[i], mirror)
+    _, M0, mirror = best
+    vv = v[::-1].copy() if mirror else v
+    vm, rm = crop(vv, refine_box), crop(r, refine_box)
+
+    def neg(x):
+        return -_corr(rotate_volume(vm, _rotvec_matrix(x) @ M0), rm)
+
+    s0 = np.radians(coarse_step_deg) / 2
+    res = minimize(neg, np.zeros(3), method="Nelder-Mead",
+                   options={"xatol": 1e-3, "fatol": 1e-5, "maxiter": 200,
+                            "initial_simplex": np.vstack([np.zeros(3), np.eye(3) * s0])})
+    M = _rotvec_matrix(res.x) @ M0
+    out = rotate_volume(vv, M)
+    return out, _corr(out, r), mirror
