@@ -82,6 +82,18 @@ def _axis_errors_deg(found, truth) -> float:
     return float(np.degrees(np.arccos(np.clip(c.max(axis=1), -1, 1))).max())
 
 
+def _axis_permutations():
+    """Rotations that permute the x, y, z axes (D2's placements are defined up to these)."""
+    out = []
+    for perm in ([0, 1, 2], [1, 2, 0], [2, 0, 1], [1, 0, 2], [0, 2, 1], [2, 1, 0]):
+        for signs in ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1), (-1, 1, 1), (1, -1, 1),
+                      (1, 1, -1), (-1, -1, -1)):
+            M = np.eye(3)[perm] * np.array(signs)[:, None]
+            if np.linalg.det(M) > 0:
+                out.append(M)
+    return out
+
+
 @pytest.mark.parametrize("name,mol", [("D2", "d2"), ("C4", "c4ring")])
 def test_align_to_symmetry_recovers_axes(name, mol):
     vol = density_map(molecule(mol), 32, 4.0)
@@ -96,6 +108,7 @@ def test_align_to_symmetry_recovers_axes(name, mol):
         assert np.degrees(np.arccos(min(1.0, abs(float(z @ P[:, 2]))))) < 3.0
     aligned, _, _ = align_to_symmetry(tilted, name)
     assert np.corrcoef(aligned.ravel(), symmetrise(aligned, name).ravel())[0, 1] > 0.98
-    if name == "D2":  # the aligned map's axes are x, y, z
-        again, _ = find_symmetry_placement(aligned, name)
-        assert _axis_errors_deg(again, np.eye(3)) < 3.0
+    if name == "D2":  # the aligned map's axes are x, y, z: it matches the untilted truth
+        c = max(np.corrcoef(rotate_volume(vol, g).ravel(), aligned.ravel())[0, 1]
+                for g in _axis_permutations())
+        assert c > 0.97
