@@ -932,7 +932,7 @@ def compare_with_truth(project: Path, session: Path, cfg: DemoConfig) -> dict:
         res = resolution_at_threshold(curve, box, px, 0.5)
         nyq = 2 * px
         out[scheme_job] = {"map": str(path.relative_to(project)), "pixel_a": px, "box": box,
-                           "cc": cc, "fsc": curve.tolist(),
+                           "cc": float(cc), "fsc": curve.tolist(),
                            "resolution_fsc05_a": None if res is None or not math.isfinite(res)
                            else float(res), "nyquist_a": nyq, "target_a": 2 * nyq}
     if "refine3d" in out:

@@ -359,10 +359,12 @@ def _section_classes(project: Path, figs: _Figures) -> str:
         ax.axis("on")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("2D classes sorted by ranker score (green frame: selected)", fontsize=9)
+    fig.suptitle("2D classes sorted by ranker score (green frame: selected)" if not note else
+                 "2D classes sorted by their share of the particles (no ranker scores)",
+                 fontsize=9)
     fig.tight_layout()
     parts = _star(d / "particles.star").get("particles") if d else None
-    rows = [("classes", n), ("classes selected", n_sel),
+    rows = [("classes", n), ("classes selected", n_sel if not note else "all (no ranker)"),
             ("particles selected", None if parts is None else len(parts)),
             ("selection job", d.relative_to(project).as_posix() if d else "-")]
     return note + figs.save(fig, "classes") + _table(rows)

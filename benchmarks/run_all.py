@@ -58,9 +58,12 @@ SPECS: dict[str, Spec] = {
          ("recall", r"\n\s*\d+\s+all\s+\d+\s+\d+\s+[\d.]+\s+([\d.]+)")],
         "LoG picking + extraction vs truth"),
     "bench_class2d": Spec(
-        ["--set", "standard", "--n", "1000", "--k", "10", "--iters", "30", "--skip-noreplace"],
+        ["--set", "standard", "--n", "1000", "--k", "10", "--iters", "30", "--em-iters", "5",
+         "--skip-noreplace"],
         ["--set", "standard"],
-        [("good in matching classes", r"\n\| [^|]*VDAM[^|]* \| [\d.]+ \| [^|]+ \| ([^|]+) \|")],
+        [("VDAM good in matching classes",
+          r"\n\| VDAM \| [\d.]+ \| [\d.]+ \| [^|]+ \| ([^|]+) \|"),
+         ("EM good in matching classes", r"\n\| EM \| [\d.]+ \| [\d.]+ \| [^|]+ \| ([^|]+) \|")],
         "VDAM vs EM 2D classification vs truth"),
     "bench_ranker": Spec(
         ["--jobs", "2"], [],
