@@ -125,6 +125,13 @@ def parse_session(path: str | Path) -> ParsedSession:
     return ParsedSession(p, kind, values, warnings, res.n_movies, rec.movie_path)
 
 
+def topaz_available() -> bool:
+    """Whether the optional Topaz picker is installed (``scopeside[topaz]``)."""
+    import importlib.util
+
+    return importlib.util.find_spec("topaz") is not None
+
+
 def newest_session(root: str | Path) -> Path | None:
     """The most recently modified folder directly under ``root`` (sessions root setting)."""
     r = Path(root)

@@ -243,6 +243,8 @@ class SetupForm:
         self.session_path: Path | None = None
         self.session_kind: str | None = None  # "EPU" | "SerialEM"
         self.warnings: list[str] = []
+        #: whether the Topaz picker is installed (None: not known yet)
+        self.topaz_available: bool | None = None
 
     def __getitem__(self, key: str) -> FormField:
         return self.fields[key]
@@ -290,6 +292,9 @@ class SetupForm:
         sym = self.value("symmetry")
         if sym and not SYMMETRY_RE.match(str(sym)):
             out.append(f"Symmetry {sym!r} is not a point group (C1, C2, D7, T, O, I)")
+        if self.value("picker") == "Topaz" and self.topaz_available is False:
+            out.append("Topaz is not installed here (pip install 'scopeside[topaz]'): "
+                       "choose LoG")
         if self.value("executor") == "slurm" and not self.value("slurm_template"):
             out.append("SLURM template is missing: choose the sbatch template file")
         return out

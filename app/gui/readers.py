@@ -528,7 +528,7 @@ class ProjectReader:
         from metadata.images import read_mrc
 
         for d in reversed(self.job_dirs(kind)):
-            final = sorted(d.glob("run_class0*.mrc"))
+            final = sorted(d.glob("initial_model.mrc")) + sorted(d.glob("run_class0*.mrc"))
             its = sorted(p for p in d.glob("run_it*_class0*.mrc"))
             halves = sorted(d.glob("run_it*_half1_class0*.mrc"))
             cand = final or its or halves

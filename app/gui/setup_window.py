@@ -205,6 +205,15 @@ class SetupWindow(QtWidgets.QMainWindow):
         self.setCentralWidget(scroll)
         self.refresh()
         self.runner.submit(_newest_in_root, on_result=self._offer)
+        self.runner.submit(be.topaz_available, on_result=self._set_topaz)
+
+    def _set_topaz(self, available: bool) -> None:
+        self.form.topaz_available = available
+        combo = self.rows["picker"].editor
+        idx = combo.findText("Topaz")
+        combo.setItemData(idx, "installed" if available else "not installed (pip install "
+                          "'scopeside[topaz]')", QtCore.Qt.ItemDataRole.ToolTipRole)
+        self.refresh()
 
     def _offer(self, found: tuple[Path, Path] | None) -> None:
         """Prefill the newest session of the configured sessions root (not read yet)."""

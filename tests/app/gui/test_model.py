@@ -208,3 +208,12 @@ def test_node_order_follows_edges_and_forks():
              {"input": "select", "output": "WAIT", "is_fork": False}]
     assert node_order(edges) == ["WAIT", "HAS", "select"]
     assert node_order([]) == []
+
+
+def test_topaz_choice_needs_topaz():
+    f = SetupForm()
+    f["picker"].set_text("Topaz")
+    f.topaz_available = False
+    assert any("Topaz is not installed" in p for p in f.problems())
+    f.topaz_available = True
+    assert not any("Topaz" in p for p in f.problems())
