@@ -361,6 +361,16 @@ def _refine_2d(sp: _Spectrum, s: CtfSearch, df0: float, ph0: float):
                                          "fatol": 1e-7, "maxiter": 600})
         if best is None or res.fun < best.fun:
             best = res
+    # one restart with a small simplex: Nelder-Mead often stops early on a narrow ridge
+    # (the astigmatism angle is poorly constrained when the astigmatism is small)
+    x0 = best.x
+    step = np.array([50.0, 0.2 * dast, 0.2 * dast, 3.0])[: x0.size]
+    simplex = np.vstack([x0] + [x0 + np.eye(x0.size)[i] * step[i] for i in range(x0.size)])
+    res = optimize.minimize(cost, x0, method="Nelder-Mead",
+                            options={"initial_simplex": simplex, "xatol": 0.5, "fatol": 1e-8,
+                                     "maxiter": 400})
+    if res.fun < best.fun:
+        best = res
     v = best.x
     ph = float(v[3]) if s.do_phase_shift else 0.0
     return _params(s, v[0], v[1], v[2], ph), -float(best.fun)
