@@ -289,7 +289,7 @@ class Estep3D:
     def search(self, stores, X, ctfv, sigma2, log_prior, offsets_px, prior_origin_px=None,
                coarse_order: int = 1, top: int = 3, local_rots=None,
                local_step_deg: float | None = None, final_step_deg: float | None = None,
-               min_levels: int = 2):
+               min_levels: int = 2, fine_offsets: bool = True):
         """Score a batch and return its significant hypotheses and best poses.
 
         Global search (``local_rots`` None): every class is projected on the HEALPix grid of
@@ -299,6 +299,8 @@ class Estep3D:
         the current limit), until the step is at most ``final_step_deg`` (default: what the
         current resolution limit needs). Local search: the same refinement levels around the
         given orientations (B, 3, 3), starting at ``local_step_deg``.
+        With ``fine_offsets`` the last level re-centres each particle on its best translation
+        so far and searches half-steps around it (translations finer than the offset step).
         """
         xp = self.xp
         K = len(stores)
@@ -339,10 +341,21 @@ class Estep3D:
             cand_k = np.tile(np.arange(K), (B, 1))
             step = 2.0 * float(local_step_deg)
         n_levels = 0
+        offs = np.asarray(offsets_px, dtype=np.float64).reshape(-1, 2)
+        ux = np.unique(np.round(offs[:, 0], 6))
+        base_step = float(np.min(np.diff(ux))) if len(ux) > 1 else 0.0
         while True:
             step = step / 2.0
             n_levels += 1
             last = n_levels >= min_levels and step <= final_step_deg * 1.0001
+            if last and fine_offsets and base_step > 0:
+                # re-centre on the best translation so far, then search half-steps around it
+                bt_prev = be.to_numpy(xp.argmax(L.max(axis=2), axis=1))
+                prior = prior + offs[bt_prev]
+                offs = offsets_grid(base_step, base_step / 2.0)
+                Xc = X * self.translation_ramps(prior)
+                Y = (ctfv * Xc)[:, None, :] * self.translation_ramps(offs)[None]
+                Yw = Y * inv
             pert = local_perturbations(step, 1)                               # (7, 3, 3)
             Rn = np.einsum("bcij,pjk->bcpik", cand_R, pert).reshape(B, -1, 3, 3)
             kn = np.repeat(cand_k, len(pert), axis=1)                         # (B, C)
@@ -372,7 +385,6 @@ class Estep3D:
         Z = Pp.sum(axis=1)
         rows, cols, vals, nsig = _significant(Pp, Z, SIGNIFICANT_MASS, MAX_SIGNIFICANT_3D)
         t_idx, c_idx = cols // C, cols % C
-        offs = np.asarray(offsets_px).reshape(-1, 2)
         hyp = Hypotheses(particle=rows, klass=kn[rows, c_idx], rot=Rn[rows, c_idx],
                          offset=prior[rows] + offs[t_idx], weight=vals)
         bt, bc = be.to_numpy(best) // C, be.to_numpy(best) % C
