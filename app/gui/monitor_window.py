@@ -240,6 +240,10 @@ class MonitorWindow(QtWidgets.QMainWindow):
                 panel.variable_edited.connect(self.set_variable)
                 self.panels[st.name] = panel
                 self.scheme_tabs.addTab(panel, st.name)
+            before = panel.state
+            if before is not None and before.running and not st.running:
+                msg = f"scheme {st.name} stopped" + (f": {st.error}" if st.error else "")
+                (self.notifier.warning if st.error else self.notifier.info)(msg)
             panel.set_state(st)
             idx = self.scheme_tabs.indexOf(panel)
             self.scheme_tabs.setTabText(idx, f"{st.name} {'▶' if st.running else '■'}")

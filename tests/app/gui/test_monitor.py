@@ -205,6 +205,7 @@ def test_start_watch_abort_close_and_reopen(qtbot, tmp_path, fake_jobs_env):
         qtbot.waitUntil(lambda: _running(win, "proc") is False, timeout=30000)
         assert (project / "Schemes/proc/RELION_JOB_EXIT_ABORTED").exists()
         assert "aborted" in win.panels["proc"].header.text()
+        assert any("scheme proc stopped: aborted" in m for m in win.notes.messages("warning"))
         assert _running(win, "prep") is True
 
         # closing with a running scheme asks; Cancel keeps the window
