@@ -44,7 +44,10 @@ def _extra_types() -> dict[str, JobType]:
     for item in filter(None, os.environ.get(EXTRA_JOBS_ENV, "").split(",")):
         label, _, module = item.partition("=")
         name = label.strip()
-        out[name] = JobType(name, name, module.strip(), name.split(".")[-1].capitalize())
+        base = ".".join(name.lower().split(".")[:2])
+        builtin = next((t for t in JOB_TYPES.values() if t.label == base), None)
+        folder = builtin.process_dir if builtin else name.split(".")[-1].capitalize()
+        out[name] = JobType(name, name, module.strip(), folder)
     return out
 
 
