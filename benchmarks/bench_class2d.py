@@ -194,6 +194,8 @@ def bench_standard(args):
                          ("EM", {"use_em": True, "n_iter_em": args.em_iters})):
         if label == "VDAM no replacement" and args.skip_noreplace:
             continue
+        if args.runs and label not in args.runs.split(","):
+            continue
         clf, wall = run(src, Classify2DParams(**base, **extra), label)
         q = quality(clf, st.truth, clean)
         q["cpu_s"] = clf.cpu_seconds
@@ -310,6 +312,8 @@ def main():
     ap.add_argument("--psi", type=float, default=12.0)
     ap.add_argument("--step", type=float, default=2.0)
     ap.add_argument("--skip-noreplace", action="store_true")
+    ap.add_argument("--runs", default="", help="standard set: comma list of runs to do "
+                    "(VDAM, VDAM no replacement, EM); default all")
     ap.add_argument("--max-seconds", type=float, default=0.0,
                     help="memory set: stop the job after this long (the peak is reached early)")
     args = ap.parse_args()
