@@ -58,6 +58,9 @@ class Hypotheses:
     rot: np.ndarray        # (H, 3, 3) RELION matrices
     offset: np.ndarray     # (H, 2) origin (x, y) px
     weight: np.ndarray     # (H,) posterior
+    #: (H,) id of the (particle, class, orientation) of each hypothesis: hypotheses that only
+    #: differ in translation share it and are back-projected as one slice
+    group: np.ndarray | None = None
 
 
 @dataclass
@@ -386,7 +389,8 @@ class Estep3D:
         rows, cols, vals, nsig = _significant(Pp, Z, SIGNIFICANT_MASS, MAX_SIGNIFICANT_3D)
         t_idx, c_idx = cols // C, cols % C
         hyp = Hypotheses(particle=rows, klass=kn[rows, c_idx], rot=Rn[rows, c_idx],
-                         offset=prior[rows] + offs[t_idx], weight=vals)
+                         offset=prior[rows] + offs[t_idx], weight=vals,
+                         group=np.asarray(rows, dtype=np.int64) * C + c_idx)
         bt, bc = be.to_numpy(best) // C, be.to_numpy(best) % C
         ar = np.arange(B)
         x2 = be.to_numpy(0.5 * (Xc.real**2 + Xc.imag**2) @ inv)
@@ -408,29 +412,47 @@ class Estep3D:
         xp = self.xp
         s2 = xp.asarray(np.asarray(sigma2, dtype=np.float32)[self._shell])
         inv = 1.0 / xp.maximum(s2, 1e-30)
-        ramps = self.translation_ramps(hyp.offset)                    # (H, F)
-        Xh = X[xp.asarray(hyp.particle)] * ramps
-        c = ctfv[xp.asarray(hyp.particle)]
-        w = xp.asarray(hyp.weight.astype(np.float32))[:, None]
-        vals = c * Xh
+        H = len(hyp.particle)
+        if H == 0:
+            return
+        # hypotheses that differ only in translation share a slice: sum their shifted,
+        # posterior-weighted images first (one projection/back-projection per orientation)
+        keys = np.arange(H) if hyp.group is None else np.asarray(hyp.group)
+        order = np.argsort(keys, kind="stable")
+        ks = keys[order]
+        starts = np.concatenate([[0], np.nonzero(np.diff(ks))[0] + 1])
+        first = order[starts]
+        wv = hyp.weight[order].astype(np.float32)
+        # offsets lie on a coarse lattice: exponentiate each distinct one once
+        uo, inv_o = np.unique(np.round(np.asarray(hyp.offset)[order], 4), axis=0,
+                              return_inverse=True)
+        ramps = self.translation_ramps(uo)[xp.asarray(np.asarray(inv_o).ravel())]
+        Xw = X[xp.asarray(hyp.particle[order])] * ramps
+        Xw *= xp.asarray(wv)[:, None]
+        S = be.to_numpy(Xw) if xp is not np else Xw
+        S = xp.asarray(np.add.reduceat(S, starts, axis=0))               # (G, F)
+        W = xp.asarray(np.add.reduceat(wv, starts))[:, None]              # (G, 1)
+        part, klass, rot = hyp.particle[first], hyp.klass[first], hyp.rot[first]
+        c = ctfv[xp.asarray(part)]
+        vals = c * S
         if residual:
-            model = xp.zeros_like(Xh)
-            for k in np.unique(hyp.klass):
-                s = hyp.klass == k
-                model[xp.asarray(np.nonzero(s)[0])] = self.project(stores[k], hyp.rot[s])
-            vals = vals - c * c * model
-        vals = vals * w * inv
-        wts = (c * c) * w * inv
+            model = xp.zeros_like(S)
+            for k in np.unique(klass):
+                sel = klass == k
+                model[xp.asarray(np.nonzero(sel)[0])] = self.project(stores[k], rot[sel])
+            vals = vals - c * c * W * model
+        vals = vals * inv
+        wts = (c * c) * W * inv
         halves = np.asarray(halves)
         mats = [np.eye(3)] if symmetry is None else list(symmetry)
         for h in (1, 2):
-            for k in np.unique(hyp.klass):
-                s = np.nonzero((halves[hyp.particle] == h) & (hyp.klass == k))[0]
+            for k in np.unique(klass):
+                s = np.nonzero((halves[part] == h) & (klass == k))[0]
                 if len(s) == 0:
                     continue
                 d, wt = grids[h - 1][k]
                 for g in mats:
-                    Rg = np.einsum("hij,jk->hik", hyp.rot[s], g)
+                    Rg = np.einsum("hij,jk->hik", rot[s], g)
                     self.backproject(d, wt, vals[xp.asarray(s)], wts[xp.asarray(s)], Rg)
 
     def residual_power(self, stores, X, ctfv, best: BestPose):
