@@ -668,7 +668,12 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     state = "finished" if proc_marker.exists() else "incomplete"
     wall = time.time() - t_start
     total = _read_json(state_dir / "wall.json", {"runs": []})
-    total["runs"].append({"started": t_start, "wall_s": wall, "state": state})
+    import resource
+
+    cpu = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF,
+              resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
+    total["runs"].append({"started": t_start, "wall_s": wall, "cpu_s": cpu, "state": state,
+                          "load_avg_end": os.getloadavg()[0]})
     _write_json(state_dir / "wall.json", total)
 
     result = DemoResult(out, project, session, state, message, wall)
@@ -687,7 +692,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         prog.say(f"report: {result.report}")
     if state == "finished":
         fsc = result.truth.get("resolution_fsc05_a")
-        prog.say(f"demo finished in {_hms(wall)}"
+        prog.say(f"demo finished in {_hms(wall)} (CPU {_hms(cpu)} in the demo and its jobs, "
+                 f"load average {os.getloadavg()[0]:.1f})"
                  + (f"; refined map vs the simulated molecule: FSC 0.5 at {fsc:.1f} Å"
                     if fsc else ""))
     else:

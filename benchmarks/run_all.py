@@ -41,7 +41,23 @@ class Spec:
     what: str = ""
 
 
-SPECS: dict[str, Spec] = {
+SPECS: dict[str, Spec | dict[str, Spec]] = {
+    "bench_3d": {
+        "inimodel": Spec(
+            ["inimodel", "--mol", "asym", "--n", "600", "--box", "32", "--iters", "40"],
+            ["inimodel", "--mol", "asym", "--n", "5000", "--box", "64"],
+            [("FSC0.5 vs truth Å", r"^\s*\d+\s+\d+\s+[\d.]+\s+[\d.]+\s+([\d.]+)"),
+             ("Nyquist Å", r"^\s*\d+\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)")],
+            "3D initial model (VDAM) vs truth"),
+        "refine": Spec(
+            ["refine", "--mol", "asym", "--n", "1000", "--box", "32"],
+            ["refine", "--mol", "asym", "--n", "20000", "--box", "64"],
+            [("half-map FSC0.143 Å", r"^\s*\d+\s+\d+\s+\d+\s+[\d.]+\s+([\d.]+)"),
+             ("FSC0.5 vs truth Å", r"^\s*\d+\s+\d+\s+\d+\s+[\d.]+\s+[\d.]+\s+([\d.]+)"),
+             ("Nyquist Å", r"^\s*\d+\s+\d+\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+"
+                           r"\s+([\d.]+)")],
+            "3D gold-standard refinement vs truth"),
+    },
     "bench_motion": Spec(
         ["--size", "1024", "--frames", "16", "--threads", "1"], ["--threads", "2"],
         [("RMS px (patches)", r"patch\w*\s+[\d.]+\s+[\d.]+\s+([\d.]+)"),
@@ -165,12 +181,18 @@ def main(argv: list[str] | None = None) -> int:
            "QT_QPA_PLATFORM": "offscreen", "PYTHONPATH": str(REPO)}
     load0 = os.getloadavg()
     rows = []
+    runs: list[tuple[Path, str, Spec | None]] = []
     for script in scripts:
         spec = SPECS.get(script.stem)
+        if isinstance(spec, dict):
+            runs += [(script, f"{script.stem}:{k}", v) for k, v in spec.items()]
+        else:
+            runs.append((script, script.stem, spec))
+    for script, name, spec in runs:
         args = (spec.small if a.size == "small" else spec.standard) if spec else []
         walls, peaks, quals, codes = [], [], [], []
         for k in range(a.repeat):
-            log_path = a.logs / f"{script.stem}.{a.size}.{k + 1}.log"
+            log_path = a.logs / f"{name.replace(':', '.')}.{a.size}.{k + 1}.log"
             print(f"run_all: {script.name} {' '.join(args)} (run {k + 1}/{a.repeat})",
                   flush=True)
             wall, peak, code, text = _run_once(script, args, env, log_path, a.timeout)
@@ -186,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             q[label] = _median_text([qq.get(label, "?") for qq in quals])
         quality = "; ".join(f"{k} {v}" for k, v in q.items()) if spec else (
             "(not known to run_all.py: see its log)")
-        rows.append((script.stem, " ".join(args) or "(defaults)", len(walls),
+        rows.append((name, " ".join(args) or "(defaults)", len(walls),
                      statistics.median(walls), max(peaks), quality,
                      "ok" if all(c == 0 for c in codes) else f"exit {codes[-1]}"))
     load1 = os.getloadavg()
