@@ -49,5 +49,10 @@ def main(args) -> int:
     cfg = DemoConfig(out=args.out, n_movies=args.movies, software=args.software,
                      live=args.live, interval_s=args.interval, report=not args.no_report,
                      gui=gui)
-    res = run_demo(cfg)
+    try:
+        res = run_demo(cfg)
+    except KeyboardInterrupt:
+        print(f"\nscopeside demo interrupted: a job that was running goes on by itself; run the "
+              f"same command again (same --out {args.out}) to continue where it stopped")
+        return 130
     return 0 if res.state == "finished" else 1
