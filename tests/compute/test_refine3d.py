@@ -25,11 +25,11 @@ def _source(mol, n, box, snr, seed):
 @pytest.mark.slow
 def test_refine_asym_recovers_truth_without_overfitting():
     box = 24
-    stk, src = _source("asym", 700, box, 0.5, 21)
+    stk, src = _source("asym", 500, box, 0.5, 21)
     px = src.pixel_size_a
     truth = density_map(molecule("asym"), box, px)
     p = Refine3DParams(ini_high_a=4.5 * px, particle_diameter_a=0.9 * box * px,
-                       offset_range_px=2, offset_step_px=1, max_iter=6)
+                       offset_range_px=2, offset_step_px=1, max_iter=5)
     r = Refine3D(src, truth, p)
     while not r.done:
         r.iterate()
