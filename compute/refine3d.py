@@ -15,7 +15,7 @@ honest resolution estimate (FSC = 0.143). Per iteration:
 3. FSC between the masked half-maps; resolution at 0.143; the noise sigma2 per shell from the
    residuals at the best poses; the next resolution limit = current resolution + a few shells;
    the angular step is halved when the resolution stops improving (as RELION does) and never
-   finer than the resolution needs.
+   finer than the resolution needs (half a shell's arc at ``r_max``, at least 0.9 deg).
 4. Stop when the step is at its finest, the resolution did not improve and the orientations
    hardly changed (or at ``max_iter``).
 
@@ -152,9 +152,10 @@ class Refine3D:
         return self.iteration > 0 and self.step_deg <= self.params.auto_local_step_deg + 1e-6
 
     def _finest_step(self) -> float:
-        """The angular step the current resolution limit needs (arc of one shell at r_max),
-        never below 0.9 deg."""
-        return max(0.9, float(np.degrees(1.0 / max(self.r_max, 1.0))))
+        """The angular step the current resolution limit needs (an arc of half a shell at
+        ``r_max``), never below 0.9 deg; at 64 px near Nyquist this is ~0.9 deg, so the last
+        iterations are local searches (below ``auto_local_sampling``)."""
+        return max(0.9, float(np.degrees(0.5 / max(self.r_max, 1.0))))
 
     def iterate(self, progress=None) -> RefineIteration:
         """One iteration over all particles (both halves)."""
