@@ -582,12 +582,12 @@ class MotionOptions:
     bin_factor: float = 1.0
     do_dose_weighting: bool = True
     align_max_size: int = 1024
-    max_shift_px: float = 40.0
+    max_shift_px: float = 120.0
     n_iter: int = 10
     tolerance_px: float = 0.01
     hot_pixel_sigma: float | None = 6.0
     patch_min_size_px: int = 48
-    flatfield_cycles: float | None = None
+    flatfield_cycles: float | None = 4.0
     smooth_trajectory: bool = True
     lowcut_cycles: float = 2.0
 
