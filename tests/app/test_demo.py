@@ -184,3 +184,37 @@ def test_report_opens_in_headless_chromium(demo, tmp_path):
     _chromium(report.as_uri(), tmp_path, f"--screenshot={shot}", "--window-size=1200,2400")
     assert shot.exists() and shot.stat().st_size > 10_000
     print(f"report screenshot: {shot}")
+
+
+def test_demo_helpers(tmp_path):
+    from app.demo import _epu_layout, job_progress, movies_glob
+
+    for n in range(2, 41):
+        sq, holes, shots = _epu_layout(n)
+        assert sq * holes * shots == n
+    # a movie and its micrograph share the acquisition's stem
+    assert stem_of("MotionCorr/job002/Movies/a/FoilHole_1_Data_2_3_x_fractions.mrc") == \
+        "FoilHole_1_Data_2_3_x"
+    assert stem_of("/s/Images-Disc1/GridSquare_1/Data/FoilHole_1_Data_2_3_x_fractions.tiff") == \
+        "FoilHole_1_Data_2_3_x"
+    assert stem_of("sim_00001.tif") == stem_of("CtfFind/job003/sim_00001.ctf:mrc") == "sim_00001"
+    sess = tmp_path / "s"
+    mv = sess / "Images-Disc1" / "GridSquare_7" / "Data" / "FoilHole_1_Data_2_3_x_fractions.tiff"
+    mv.parent.mkdir(parents=True)
+    mv.touch()
+    assert movies_glob(sess, str(mv), "epu") == \
+        "Movies/Images-Disc*/GridSquare_*/Data/*_fractions.tiff"
+    assert movies_glob(sess, str(sess / "sim_00001.tif"), "serialem") == "Movies/*.tif"
+    job = tmp_path / "MotionCorr" / "job002"
+    job.mkdir(parents=True)
+    (job / "run.out").write_text("x\n07:22:05 movies 1/4 (25%) elapsed 0:00:12, ETA 0:00:36\n"
+                                 "07:22:12 movies 2/4 (50%) elapsed 0:00:19, ETA 0:00:19\n")
+    assert job_progress(tmp_path, "MotionCorr/job002") == "2/4 (50%) ETA 0:00:19"
+
+
+def test_demo_command_rejects_bad_options(tmp_path, capsys):
+    from app.cli import run
+
+    assert run(["demo", "--movies", "1", "--out", str(tmp_path / "d")]) == 2
+    assert "--movies" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
