@@ -582,7 +582,7 @@ class MotionOptions:
     bin_factor: float = 1.0
     do_dose_weighting: bool = True
     align_max_size: int = 1024
-    max_shift_px: float = 120.0
+    max_shift_px: float = 200.0
     n_iter: int = 10
     tolerance_px: float = 0.01
     hot_pixel_sigma: float | None = 6.0
