@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
 import platform
 import re
@@ -60,8 +61,9 @@ SPECS: dict[str, Spec | dict[str, Spec]] = {
     },
     "bench_motion": Spec(
         ["--size", "1024", "--frames", "16", "--threads", "1"], ["--threads", "2"],
-        [("RMS px (patches)", r"patch\w*\s+[\d.]+\s+[\d.]+\s+([\d.]+)"),
-         ("RMS px (global)", r"global\w*\s+[\d.]+\s+[\d.]+\s+([\d.]+)")],
+        [("drift-only trajectory RMS px", r"trajectory RMS error ([\d.]+) px \(frame-0"),
+         ("5x5 patches CPU s", r"5x5 patches\s+[\d.]+\s+([\d.]+)"),
+         ("5x5 patches FRC 1/50-1/4", r"5x5 patches\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)")],
         "motion correction of a simulated movie (4096² x 40 standard)"),
     "bench_ctffind": Spec(
         ["--n", "6", "--n-phase", "2", "--size", "512", "--threads", "1"], ["--threads", "2"],
@@ -94,7 +96,9 @@ SPECS: dict[str, Spec | dict[str, Spec]] = {
         "schemer loop overhead"),
     "bench_metadata": Spec(
         ["--n", "1000"], [],
-        [("10k-XML parse s (or --n)", r"parse[^\n]*?\s([\d.]+)\s+\S+\s+(?:yes|NO)")],
+        [("XML parse wall s", r"^parse \d+ EPU XMLs.*?\s([\d.]+)\s+<"),
+         ("XML parse CPU s", r"same, CPU time of this process\s+([\d.]+)"),
+         ("watcher (events) s", r"watcher, \d+ files in one folder \(events\)\s+([\d.]+)")],
         "EPU XML parsing, session discovery, watcher"),
     "bench_gui": Spec(
         ["--seconds", "5", "--classes", "100"], [],
@@ -135,6 +139,8 @@ def _run_once(script: Path, args: list[str], env: dict, log_path: Path, timeout:
     if killed:
         text += "\n[run_all: killed after the time limit]\n"
     log_path.write_text(text, encoding="utf-8")
+    log_path.with_suffix(".json").write_text(json.dumps(
+        {"wall_s": wall, "peak_mib": ru.ru_maxrss / 1024.0, "exit": proc.returncode}))
     return wall, ru.ru_maxrss / 1024.0, proc.returncode, text
 
 
