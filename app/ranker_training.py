@@ -38,14 +38,19 @@ log = logging.getLogger("scopeside.ranker_training")
 TRAIN_MOLECULES = ["asym", "ribosome", "rod", "small"]
 VAL_MOLECULES = ["c4ring", "d2"]
 THRESHOLD = 0.15
+#: accuracy features blanked in 25 % of training samples (scopeside's and some RELION
+#: classifications write no accuracy columns)
+DROP_COLUMNS = (0, 1)
 CHECKPOINT_NAME = "ranker.pt"
 
 
 # --- data generation -----------------------------------------------------------------------
 
-def generate(split: str, n_jobs: int, seed: int, out: Path, molecules: list[str] | None = None
-             ) -> Path:
-    """Simulate ``n_jobs`` jobs and write ``out/<split>.npz``; returns its path."""
+def generate(split: str, n_jobs: int, seed: int, out: Path, molecules: list[str] | None = None,
+             first: int = 0, count: int | None = None) -> Path:
+    """Simulate jobs ``first … first+count-1`` of a seeded series of ``n_jobs`` and write
+    ``out/<split>.npz`` (or ``<split>_<first>.npz`` for a part; :func:`load_split` joins
+    the parts); returns its path. Parts can run in parallel and give the same jobs."""
     from compute.ranker.features import job_features, network_images
     from compute.ranker.synth import random_conditions, synth_job
 
@@ -55,8 +60,11 @@ def generate(split: str, n_jobs: int, seed: int, out: Path, molecules: list[str]
                                              "frc", "good", "n_particles", "job", "kind")}
     jobs = []
     t0 = time.monotonic()
-    for j in range(n_jobs):
-        cond = random_conditions(rng, mols)
+    last = n_jobs if count is None else min(n_jobs, first + count)
+    for j in range(last):
+        cond = random_conditions(rng, mols)  # drawn for every job so parts agree
+        if j < first:
+            continue
         imgs, metas, truth = synth_job(cond, seed * 100003 + j)
         X, scored = job_features(imgs, metas, cond.pixel_size_a, cond.diameter_a)
         net = network_images(imgs, cond.pixel_size_a, cond.diameter_a)
@@ -76,13 +84,14 @@ def generate(split: str, n_jobs: int, seed: int, out: Path, molecules: list[str]
                  n_jobs, cond.molecule, cond.box, cond.pixel_size_a, cond.snr, len(truth),
                  time.monotonic() - t0)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{split}.npz"
+    part = "" if (first == 0 and last == n_jobs) else f"_{first:04d}"
+    path = out / f"{split}{part}.npz"
     np.savez_compressed(
         path, images=np.concatenate(cols["images"]), features=np.concatenate(cols["features"]),
         scored=np.concatenate(cols["scored"]),
         **{k: np.concatenate([np.asarray(v) for v in cols[k]])
            for k in ("target", "purity", "frc", "good", "n_particles", "job", "kind")})
-    (out / f"{split}_jobs.json").write_text(json.dumps(jobs, indent=1), encoding="utf-8")
+    (out / f"{split}{part}_jobs.json").write_text(json.dumps(jobs, indent=1), encoding="utf-8")
     return path
 
 
@@ -195,8 +204,15 @@ def generate_class2d(split: str, n_jobs: int, seed: int, out: Path, n_iter: int,
 
 
 def load_split(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as d:
-        data = {k: d[k] for k in d.files}
+    """Scored classes of ``path`` (or of its parts ``<stem>_NNNN.npz``), labels recomputed."""
+    parts = [path] if path.is_file() else sorted(path.parent.glob(f"{path.stem}_[0-9]*.npz"))
+    if not parts:
+        raise FileNotFoundError(path)
+    chunks = []
+    for p in parts:
+        with np.load(p, allow_pickle=False) as d:
+            chunks.append({k: d[k] for k in d.files})
+    data = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
     keep = data["scored"].astype(bool)
     out = {k: v[keep] for k, v in data.items()}
     # labels from the stored ground truth with the current definition
@@ -205,6 +221,25 @@ def load_split(path: Path) -> dict[str, np.ndarray]:
     out["target"] = target_score(out["purity"], out["frc"]).astype(np.float32)
     out["good"] = (out["purity"] >= GOOD_PURITY) & (out["frc"] >= GOOD_FRC)
     return out
+
+
+#: a class average in particle units (noise sigma 1) whose 25 Å low-pass peaks above this
+#: in most classes of a job is not physical (noise amplified where the CTF envelope died)
+MAX_MEDIAN_LP_MAX = 5.0
+
+
+def drop_broken_jobs(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop jobs whose median ``lp_max`` exceeds ``MAX_MEDIAN_LP_MAX`` (a data sanity check;
+    data made before the Wiener floor in :mod:`compute.ranker.synth` had a few)."""
+    from compute.ranker.features import FEATURE_NAMES
+
+    col = data["features"][:, FEATURE_NAMES.index("lp_max")]
+    bad = [j for j in np.unique(data["job"])
+           if np.median(col[data["job"] == j]) > MAX_MEDIAN_LP_MAX]
+    if bad:
+        log.warning("dropping %d job(s) with non-physical class averages: %s", len(bad), bad)
+    keep = ~np.isin(data["job"], bad)
+    return {k: v[keep] for k, v in data.items()}
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -247,8 +282,8 @@ def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str]
     from compute.ranker.features import FeatureStats, normalise_features
     from compute.ranker.train import TrainConfig, fit, predict
 
-    tr = load_split(data_dir / "train.npz")
-    va = load_split(data_dir / "val.npz")
+    tr = drop_broken_jobs(load_split(data_dir / "train.npz"))
+    va = drop_broken_jobs(load_split(data_dir / "val.npz"))
     if (data_dir / "class2d_train.npz").is_file():  # real classifications, when made
         extra = load_split(data_dir / "class2d_train.npz")
         tr = {k: np.concatenate([tr[k], extra[k]]) for k in tr}
@@ -271,7 +306,8 @@ def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str]
     results["weight_power"] = weight_power
     out.mkdir(parents=True, exist_ok=True)
     for mode in modes:
-        cfg = TrainConfig(mode=mode, epochs=epochs, threads=threads, seed=seed)
+        cfg = TrainConfig(mode=mode, epochs=epochs, threads=threads, seed=seed,
+                          drop_columns=DROP_COLUMNS, drop_prob=0.25)
         t0 = time.monotonic()
         model, hist = fit(Itr, Ztr, tr["target"], cfg, val=(Iva, Zva, va["target"]),
                           weights=wtr)
@@ -280,6 +316,11 @@ def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str]
         ev_tr = evaluate_predictions(predict(model, Itr, Ztr), tr)
         results["models"][mode] = {"val": ev, "train_mse": ev_tr["mse"], "seconds": secs,
                                    "epochs": epochs, "history": hist}
+        if mode != "image":
+            Zna = Zva.copy()
+            Zna[:, list(DROP_COLUMNS)] = 0.0
+            results["models"][mode]["val_no_accuracy"] = evaluate_predictions(
+                predict(model, Iva, Zna), va)
         if va2d is not None:
             results["models"][mode]["val_class2d"] = evaluate_predictions(
                 predict(model, va2d["images"].astype(np.float32),
@@ -314,6 +355,15 @@ def validation_table(results: dict) -> str:
         wn = max(j["fnr"] for j in v["per_job"])
         lines.append(f"| {mode} | {v['mse']:.4f} | {r['train_mse']:.4f} | {v['fpr']:.3f} | "
                      f"{v['fnr']:.3f} | {wf:.3f} | {wn:.3f} | {r['seconds']:.0f} |")
+    for mode, r in results["models"].items():
+        if "val_no_accuracy" in r:
+            v = r["val_no_accuracy"]
+            lines.append(f"\n{mode}, accuracy columns absent: val MSE {v['mse']:.4f}, "
+                         f"FPR {v['fpr']:.3f}, FNR {v['fnr']:.3f}")
+        if "val_class2d" in r:
+            v = r["val_class2d"]
+            lines.append(f"\n{mode}, VDAM class2d jobs: val MSE {v['mse']:.4f}, "
+                         f"FPR {v['fpr']:.3f}, FNR {v['fnr']:.3f}")
     return "\n".join(lines) + "\n"
 
 
@@ -341,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, required=True)
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--molecules", default="", help="comma-separated (default: per split)")
+    g.add_argument("--first", type=int, default=0, help="first job of this part (default 0)")
+    g.add_argument("--count", type=int, default=None, help="jobs in this part (default all)")
     c = sub.add_parser("generate-class2d",
                        help="run VDAM 2D classification on simulated stacks, label the classes")
     c.add_argument("--split", choices=["train", "val"], required=True)
@@ -364,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.cmd == "generate":
         mols = [m for m in args.molecules.split(",") if m] or None
-        print(generate(args.split, args.jobs, args.seed, args.out, mols))
+        print(generate(args.split, args.jobs, args.seed, args.out, mols, args.first, args.count))
     elif args.cmd == "generate-class2d":
         print(generate_class2d(args.split, args.jobs, args.seed, args.out, args.iter))
     elif args.cmd == "train":

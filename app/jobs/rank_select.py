@@ -40,14 +40,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import resources
 from app.errors import UserError
 from metadata.errors import MetadataError
 from metadata.star import read_star, resolve_path, split_image_name, write_star
 
 log = logging.getLogger(__name__)
 
-RESOURCE_DIR = Path(__file__).resolve().parents[2] / "resources" / "ranker"
-CHECKPOINT = RESOURCE_DIR / "ranker.pt"
+CHECKPOINT = resources.path("ranker", "ranker.pt")
 DEFAULT_THRESHOLD = 0.15
 UNSCORED = -999.0
 

@@ -275,7 +275,9 @@ class _JobSim:
         mean_den = _shell_mean(den, self.shell, self.n_shells)
         # Wiener regularisation from the class's own SSNR (floored at 1: as after a few
         # iterations of a classification, tau^2 ~ signal power)
-        lam = mean_den / np.maximum(ssnr, 1.0)
+        # plus a floor worth 2 % of the particles' CTF^2: where the CTF envelope has died
+        # (den ~ 0) the average must go to 0, not amplify the noise by 1/sqrt(den)
+        lam = mean_den / np.maximum(ssnr, 1.0) + 0.02 * n_part
         avg_F = (num + noise) / (den + lam[self.shell])
         img = np.fft.irfft2(avg_F, s=(n, n)) * self.mask
         # metadata
