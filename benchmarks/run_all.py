@@ -102,7 +102,7 @@ SPECS: dict[str, Spec | dict[str, Spec]] = {
         "EPU XML parsing, session discovery, watcher"),
     "bench_gui": Spec(
         ["--seconds", "5", "--classes", "100"], [],
-        [("gallery fresh ms (min/median)", r"fresh \(min/median\)\s+(\S+)"),
+        [("gallery fresh s (min/median)", r"fresh \(min/median\)\s+(\S+)"),
          ("largest event-loop gap ms", r"largest gap of a 10 ms timer\s+([\d.]+) ms")],
         "GUI gallery paint and event-loop stalls (offscreen)"),
 }
