@@ -476,6 +476,21 @@ def fit_local_motion(centres_px, residual_shifts_px, frame_shape: tuple[int, int
     return LocalMotionModel(coeffs, tuple(frame_shape), n_f)
 
 
+def local_model_significance(model: LocalMotionModel, centres_px, residual_shifts_px) -> float:
+    """F statistic of the local model against "no local motion" (per-patch offsets only)."""
+    s = np.asarray(residual_shifts_px, dtype=np.float64)
+    y = s - s.mean(axis=1, keepdims=True)
+    pred = np.stack([model.evaluate(centres_px, f) for f in range(s.shape[1])], axis=1)
+    pred = pred - pred.mean(axis=1, keepdims=True)
+    rss0 = float((y ** 2).sum())
+    rss1 = float(((y - pred) ** 2).sum())
+    p = model.coeffs.size
+    dof = y.size - p - 2 * s.shape[0]
+    if dof <= 0 or rss1 <= 0:
+        return float("inf")
+    return ((rss0 - rss1) / p) / (rss1 / dof)
+
+
 def _residual_field(model: LocalMotionModel, frame: int, shape: tuple[int, int],
                     offset_yx=(0.0, 0.0), xp: ModuleType = np):
     """Residual displacement maps (ry, rx) over a full frame (unbinned pixels)."""
@@ -589,6 +604,7 @@ class MotionOptions:
     patch_min_size_px: int = 48
     flatfield_cycles: float | None = 4.0
     smooth_trajectory: bool = True
+    local_min_f: float = 4.0
     lowcut_cycles: float = 2.0
 
 
@@ -769,6 +785,10 @@ def correct_motion(frames: FrameSource, opts: MotionOptions, gain=None, defect_m
         cx = (np.arange(pxn) + 0.5) * pw * abin
         centres = np.stack(np.meshgrid(cy, cx, indexing="ij"), axis=-1).reshape(-1, 2)
         local = fit_local_motion(centres, pres, shape)
+        if local_model_significance(local, centres, pres) < opts.local_min_f:
+            # the patch shifts are mostly noise: a model fitted to them would only add it
+            log.info("local motion model not significant; using whole-frame shifts only")
+            local = None
         pshifts = shifts[None] + pres - pres[:, :1]
         del Fp, aligned
         note("patches")
