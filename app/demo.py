@@ -325,8 +325,12 @@ class SchemeThread:
     every ``WAIT`` node (the stop event is then taken while the scheme sleeps)."""
 
     def __init__(self, project: Path, name: str, done: Callable[[], bool], marker: Path,
-                 on_event: Callable | None = None):
+                 on_event: Callable | None = None,
+                 stalled: Callable[[SchemeThread], str] | None = None):
         self.project, self.name, self.done, self.marker = project, name, done, marker
+        self.stalled = stalled
+        self.stall_message = ""
+        self.waits_since_job = 0  # WAIT visits since the last job started
         self.stop = threading.Event()
         self.result = None
         self.error: BaseException | None = None
@@ -337,8 +341,17 @@ class SchemeThread:
     def _event(self, ev) -> None:
         if ev.kind == "node":
             self.node = ev.node
+            if ev.node == "WAIT":
+                self.waits_since_job += 1
             if ev.node == "WAIT" and self.done():
                 self.stop.set()
+            elif ev.node == "WAIT" and self.stalled is not None:
+                why = self.stalled(self)
+                if why:
+                    self.stall_message = why
+                    self.stop.set()
+        elif ev.kind == "job_started":
+            self.waits_since_job = 0
         if self.on_event is not None:
             self.on_event(self.name, ev)
 
@@ -639,6 +652,18 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     def prep_done() -> bool:
         return sim_marker.exists() and len(ctf_done_stems(project)) >= cfg.n_movies
 
+    def proc_stalled(t: SchemeThread) -> str:
+        """Prep has ended and proc keeps passing WAIT without running a job, yet no 3D:
+        the particle selection left too few particles (the scheme would wait for ever)."""
+        if not prep_marker.exists() or t.waits_since_job < 3:
+            return ""
+        if _job_state(project, "proc", "inimodel3d")[0] != "not started":
+            return ""
+        _, jd = _job_state(project, "proc", "select_parts")
+        n = len(_count_rows(project / jd / "particles.star", "particles")) if jd else 0
+        return (f"proc: {n} particles selected ({jd}), fewer than min_nr_parts_3d "
+                f"{settings.min_particles_3d}: 3D was not started")
+
     def proc_done() -> bool:
         if cfg.live and not prep_marker.exists():
             return False
@@ -653,11 +678,13 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         if not prep_marker.exists():
             threads.append(SchemeThread(project, "prep", prep_done, prep_marker).start())
         if cfg.live and not proc_marker.exists():
-            threads.append(SchemeThread(project, "proc", proc_done, proc_marker).start())
+            threads.append(SchemeThread(project, "proc", proc_done, proc_marker,
+                                        stalled=proc_stalled).start())
         message = _monitor(cfg, project, threads, prog, timeline, prep_marker, proc_marker,
                            sim_thread, sim_error)
         if not message and not proc_marker.exists():
-            proc = SchemeThread(project, "proc", proc_done, proc_marker).start()
+            proc = SchemeThread(project, "proc", proc_done, proc_marker,
+                                stalled=proc_stalled).start()
             message = _monitor(cfg, project, [proc], prog, timeline, prep_marker, proc_marker,
                                None, [])
     finally:
@@ -832,6 +859,9 @@ def _monitor(cfg: DemoConfig, project: Path, threads: list[SchemeThread], prog: 
             continue
         if t.marker.exists():
             prog.say(f"scheme {t.name}: done, stopped at WAIT")
+        elif t.stall_message:
+            msg = t.stall_message
+            prog.say(msg)
         else:
             msg = f"scheme {t.name} {r.state}: {r.message}"
             prog.say(msg)
