@@ -337,7 +337,7 @@ def _section_classes(project: Path, figs: _Figures) -> str:
     n = len(tab)
     cols = min(8, n)
     rows_n = int(np.ceil(n / cols))
-    fig, axs = plt.subplots(rows_n, cols, figsize=(1.6 * cols, 1.85 * rows_n), squeeze=False)
+    fig, axs = plt.subplots(rows_n, cols, figsize=(1.6 * cols, 2.0 * rows_n), squeeze=False)
     n_sel = 0
     for ax in axs.ravel():
         ax.axis("off")
@@ -350,7 +350,8 @@ def _section_classes(project: Path, figs: _Figures) -> str:
         if img is not None:
             ax.imshow(img, cmap="gray")
         dist = getattr(r, "rlnClassDistribution", None)
-        ax.set_title(f"#{k} {s:.2f}" + (f" ({100 * dist:.0f}%)" if dist is not None else ""),
+        score = "unscored" if s <= -998 else f"{s:.2f}"  # the ranker's -999: empty class
+        ax.set_title(f"#{k} {score}" + (f" ({100 * dist:.0f}%)" if dist is not None else ""),
                      fontsize=7, color="green" if chosen else "gray")
         for sp in ax.spines.values():
             sp.set_visible(True)
