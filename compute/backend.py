@@ -257,8 +257,9 @@ def gpu_memory_bytes() -> tuple[int, int] | None:
 
 def _reset_for_tests() -> None:
     """Forget cached device decisions (tests change SCOPESIDE_DEVICE)."""
-    global _gpu_ok, _cupy_checked, _cupy
+    global _gpu_ok, _workers
     _gpu_ok = None
+    _workers = None
     _chosen.clear()
 
 

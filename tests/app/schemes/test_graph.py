@@ -61,26 +61,26 @@ def test_prep_loops_continue_jobs_and_ends_at_maxtime(project):
     log = double_log(project)
     assert log == [
         "relion.import Import/job001/ new processed=3",
-        "relion.motioncorr Motioncorr/job002/ new processed=2",  # --do_at_most 2
-        "relion.ctffind Ctffind/job003/ new processed=2",
+        "relion.motioncorr MotionCorr/job002/ new processed=2",  # --do_at_most 2
+        "relion.ctffind CtfFind/job003/ new processed=2",
         "relion.import Import/job001/ continue processed=1",     # the new movie only
-        "relion.motioncorr Motioncorr/job002/ continue processed=2",
-        "relion.ctffind Ctffind/job003/ continue processed=2",
+        "relion.motioncorr MotionCorr/job002/ continue processed=2",
+        "relion.ctffind CtfFind/job003/ continue processed=2",
     ]
     sch = api.status(project, "prep")
-    assert [j["current"] for j in sch["jobs"]] == ["Ctffind/job003/", "Import/job001/",
-                                                   "Motioncorr/job002/"]
+    assert [j["current"] for j in sch["jobs"]] == ["CtfFind/job003/", "Import/job001/",
+                                                   "MotionCorr/job002/"]
     assert all(j["state"] == "success" for j in sch["jobs"]) and sch["state"] == "finished"
     # $$ substitution and path rewriting reached the job.star each job ran with
-    mc = read_job_star(project / "Motioncorr/job002/job.star")
+    mc = read_job_star(project / "MotionCorr/job002/job.star")
     assert mc.options["other_args"] == "--do_at_most 2" and mc.is_continue
     assert mc.options["input_star_mics"] == "Import/job001/movies.star"
     pipe = load_pipeline(project)
     assert [(p.name, p.status) for p in pipe.processes] == [
-        ("Import/job001/", "Succeeded"), ("Motioncorr/job002/", "Succeeded"),
-        ("Ctffind/job003/", "Succeeded")]
-    assert ("Import/job001/movies.star", "Motioncorr/job002/") in pipe.input_edges
-    assert ("Ctffind/job003/", "Ctffind/job003/micrographs_ctf.star") in pipe.output_edges
+        ("Import/job001/", "Succeeded"), ("MotionCorr/job002/", "Succeeded"),
+        ("CtfFind/job003/", "Succeeded")]
+    assert ("Import/job001/movies.star", "MotionCorr/job002/") in pipe.input_edges
+    assert ("CtfFind/job003/", "CtfFind/job003/micrographs_ctf.star") in pipe.output_edges
 
 
 def test_proc_waits_while_prep_has_no_ctffind(project):
@@ -103,15 +103,15 @@ def test_proc_without_3d_then_no_new_micrographs(project):
     assert v["current_nr_parts"]["value"] == 100  # 2 x 100 extracted, half kept by the ranker
     assert v["do_3d"]["value"] is False and v["do_topaz"]["value"] is False
     sel = read_job_star(project / "Select/job004/job.star")
-    assert sel.options["fn_mic"] == "Ctffind/job003/micrographs_ctf.star"  # across schemes
-    picker = next(project.glob("Autopick/job*/picker.txt")).read_text()
+    assert sel.options["fn_mic"] == "CtfFind/job003/micrographs_ctf.star"  # across schemes
+    picker = next(project.glob("AutoPick/job*/picker.txt")).read_text()
     assert picker == "do_log=Yes do_topaz=No\n"
 
 
 def test_proc_new_micrographs_repeat_the_loop(project):
     control(project, ctf_res=[4.0], parts_per_mic=10, keep_fraction=1.0)
     run_prep(project, 2, do_at_most=5)
-    ctf = next(project.glob("Ctffind/job*/micrographs_ctf.star"))
+    ctf = next(project.glob("CtfFind/job*/micrographs_ctf.star"))
 
     def prep_progress(clock):  # prep finds one more good micrograph during the first wait
         data = read_star(ctf)
@@ -128,7 +128,7 @@ def test_proc_new_micrographs_repeat_the_loop(project):
     assert extract == ["relion.extract Extract/job006/ new processed=2",
                        "relion.extract Extract/job006/ continue processed=1"]
     class2d = [line.split()[1] for line in log if line.startswith("relion.class2d")]
-    assert class2d == ["Class2d/job007/", "Class2d/job009/"]  # mode new: a fresh job each time
+    assert class2d == ["Class2D/job007/", "Class2D/job009/"]  # mode new: a fresh job each time
     assert api.status(project, "proc")["variables"]["current_nr_parts"]["value"] == 30
 
 
@@ -146,11 +146,11 @@ def test_proc_3d_branch_both_ways(project, with_iniref):
     tail = ["CHECK_iniref", "SET_myref_user", "refine3d"] if with_iniref else \
         ["CHECK_iniref", "inimodel3d", "SET_myref_inimodel", "refine3d"]
     assert res.visited == PASS1_PROC + tail + ["WAIT", "EXIT_maxtime"]
-    ref = read_job_star(next(project.glob("Refine3d/job*/job.star"))).options["fn_ref"]
+    ref = read_job_star(next(project.glob("Refine3D/job*/job.star"))).options["fn_ref"]
     if with_iniref:
         assert ref == "ref.mrc"
     else:
-        assert ref.startswith("Initialmodel/job") and ref.endswith("/initial_model.mrc")
+        assert ref.startswith("InitialModel/job") and ref.endswith("/initial_model.mrc")
         assert (project / ref).exists()
 
 
@@ -160,7 +160,7 @@ def test_topaz_setting_flips_the_picker_fork(project):
     api.set_variable(project, "proc", "do_log", "false")
     api.set_variable(project, "proc", "maxtime_hr", "0.01")
     run(project, "proc")
-    aj = read_job_star(next(project.glob("Autopick/job*/job.star")))
+    aj = read_job_star(next(project.glob("AutoPick/job*/job.star")))
     assert (aj.options["do_log"], aj.options["do_topaz"]) == ("No", "Yes")
 
 
@@ -185,9 +185,9 @@ def test_reset_and_restart_from_saved_node(project):
     assert res.visited[:4] == ["importmovies", "motioncorr", "ctffind", "WAIT"]
     assert double_log(project)[n:n + 3] == [  # new jobs after a reset
         "relion.import Import/job005/ new processed=2",
-        "relion.motioncorr Motioncorr/job006/ new processed=2",
-        "relion.ctffind Ctffind/job007/ new processed=2"]
-    assert load_pipeline(project).find("Motioncorr/job004/").status == "Failed"
+        "relion.motioncorr MotionCorr/job006/ new processed=2",
+        "relion.ctffind CtfFind/job007/ new processed=2"]
+    assert load_pipeline(project).find("MotionCorr/job004/").status == "Failed"
 
 
 def test_changing_a_job_option_makes_a_new_job(project):
@@ -198,6 +198,6 @@ def test_changing_a_job_option_makes_a_new_job(project):
     n = len(double_log(project))
     run(project, "prep")
     tail = double_log(project)[n:n + 2]
-    assert tail[0].startswith("relion.motioncorr Motioncorr/job002/ continue")
-    assert tail[1] == "relion.ctffind Ctffind/job004/ new processed=2"
-    assert read_job_star(project / "Ctffind/job004/job.star").options["dfmax"] == "40000"
+    assert tail[0].startswith("relion.motioncorr MotionCorr/job002/ continue")
+    assert tail[1] == "relion.ctffind CtfFind/job004/ new processed=2"
+    assert read_job_star(project / "CtfFind/job004/job.star").options["dfmax"] == "40000"

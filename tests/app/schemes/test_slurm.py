@@ -45,12 +45,12 @@ def test_prep_graph_runs_through_slurm(project, slurm_cluster):
     assert res.visited == ["WAIT", "EXIT_maxtime", "importmovies", "motioncorr", "ctffind",
                            "WAIT", "EXIT_maxtime"]
     assert double_log(project) == ["relion.import Import/job001/ new processed=2",
-                                   "relion.motioncorr Motioncorr/job002/ new processed=2",
-                                   "relion.ctffind Ctffind/job003/ new processed=2"]
-    script = (project / "Ctffind/job003/run_submit.script").read_text()
-    assert "--job-star Ctffind/job003/job.star --o Ctffind/job003/" in script
-    assert read_job_star(project / "Ctffind/job003/job.star").options["input_star_mics"] == \
-        "Motioncorr/job002/corrected_micrographs.star"
+                                   "relion.motioncorr MotionCorr/job002/ new processed=2",
+                                   "relion.ctffind CtfFind/job003/ new processed=2"]
+    script = (project / "CtfFind/job003/run_submit.script").read_text()
+    assert "--job-star CtfFind/job003/job.star --o CtfFind/job003/" in script
+    assert read_job_star(project / "CtfFind/job003/job.star").options["input_star_mics"] == \
+        "MotionCorr/job002/corrected_micrographs.star"
     assert all(j["state"] == "success" for j in api.status(project, "prep")["jobs"])
 
 
