@@ -445,6 +445,10 @@ class Schemer:
             abs_dir.mkdir(parents=True, exist_ok=True)
             write_job_star(abs_dir / "job.star", JobStar(js.type_label, is_continue, js.is_tomo,
                                                          opts))
+            # record the job before waiting for its inputs: a schemer killed from here on
+            # resumes in this directory instead of creating a second job
+            self._set_running(node, job_dir)
+            self._save()
             waited = self._wait_for_inputs(node, load_job_class(jt), opts)
             if waited is not None:
                 from app.executors.base import mark_failure
