@@ -60,8 +60,9 @@ class Settings(BaseModel):
     paths: PathSettings = PathSettings()
     compute: ComputeSettings = ComputeSettings()
     watch: WatchSettings = WatchSettings()
-    #: microscopes / detectors tables are validated by metadata.config
+    #: microscopes / microscope_models / detectors tables are validated by metadata.config
     microscopes: dict[str, Any] = Field(default_factory=dict)
+    microscope_models: dict[str, Any] = Field(default_factory=dict)
     detectors: dict[str, Any] = Field(default_factory=dict)
 
 
