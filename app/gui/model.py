@@ -216,17 +216,15 @@ def box_sizes(diameter_a: float, movie_pixel_a: float, super_resolution: bool) -
     the smallest listed size whose pixel size is below 3.75 Å (no down-scaling when the box
     is already that small); mask = 1.1 × diameter.
     """
-    if not (diameter_a > 0 and movie_pixel_a > 0):
-        raise ValueError("particle diameter and pixel size must be positive")
+    from compute.errors import ComputeError
+    from compute.extract import box_sizes as rule
+
     px = movie_pixel_a * (2.0 if super_resolution else 1.0)
-    box = int(math.ceil(diameter_a / px * 1.5))
-    box += box % 2
-    small = box
-    for s in DOWNSCALED_BOXES:
-        if px * box / s < 3.75:
-            small = min(s, box)
-            break
-    return BoxSizes(box, small, round(1.1 * diameter_a, 1), px)
+    try:
+        b = rule(diameter_a, px)
+    except ComputeError as exc:
+        raise ValueError("particle diameter and pixel size must be positive") from exc
+    return BoxSizes(b.box_px, b.small_box_px, round(1.1 * diameter_a, 1), px)
 
 
 class SetupForm:

@@ -14,7 +14,6 @@ movies are binned by 2 in motion correction, so later pixel sizes are twice the 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -22,12 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import UserError
 from app.schemes.model import float_text
+from compute.extract import MAX_SMALL_PIXEL_A  # noqa: F401  (re-exported for callers)
+from compute.extract import SMALL_BOXES as GOOD_BOX_SIZES  # noqa: F401
 
-GOOD_BOX_SIZES = (48, 64, 96, 128, 160, 192, 256, 288, 300, 320, 360, 384, 400, 420, 450, 480,
-                  512, 640, 768, 896, 1024)
-MAX_SMALL_PIXEL_A = 3.75
 MASK_FACTOR = 1.1
-BOX_FACTOR = 1.5
 
 
 class ProcessingSettings(BaseModel):
@@ -69,17 +66,19 @@ def micrograph_pixel_a(s: ProcessingSettings) -> float:
 
 
 def box_sizes(diameter_a: float, angpix_a: float) -> tuple[int, int | None]:
-    """(extraction box in pixels, down-scaled box or None when no down-scaling is needed)."""
-    box = int(math.ceil(diameter_a / angpix_a * BOX_FACTOR))
-    box += box % 2
-    small = None
-    for b in GOOD_BOX_SIZES:
-        if angpix_a * box / b < MAX_SMALL_PIXEL_A:
-            small = b
-            break
-    if small is None or small >= box:
-        return box, None
-    return box, small
+    """(extraction box in pixels, down-scaled box or None when no down-scaling is needed).
+
+    The rule itself lives in :func:`compute.extract.box_sizes` (one copy for the extract job,
+    this mapping and the GUI's live display).
+    """
+    from compute.errors import ComputeError
+    from compute.extract import box_sizes as _rule
+
+    try:
+        b = _rule(diameter_a, angpix_a)
+    except ComputeError as exc:
+        raise UserError(str(exc)) from None
+    return b.box_px, (b.small_box_px if b.small_box_px < b.box_px else None)
 
 
 def _yn(v: bool) -> str:
