@@ -33,6 +33,9 @@ COMMANDS: dict[str, str] = {
     "config": "config",
 }
 
+#: subcommands that compute: the device choice (SCOPESIDE_DEVICE) is checked before they start
+DEVICE_COMMANDS = ("demo", "job", "rank", "simulate")
+
 log = logging.getLogger("scopeside")
 
 
@@ -73,6 +76,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(["gui", *(argv or [])])
         args.extra = []
     try:
+        if args.command in DEVICE_COMMANDS:
+            from compute.backend import select_device
+
+            select_device()  # SCOPESIDE_DEVICE=gpu without a GPU: one clear line, exit 2
         return int(mod.main(args) or 0)
     except USER_ERRORS as exc:
         print(f"scopeside {args.command or 'gui'}: error: {exc}", file=sys.stderr)

@@ -116,6 +116,8 @@ class JobContext:
     is_continue: bool = False
     project_dir: Path = field(default_factory=Path.cwd)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("scopeside.job"))
+    #: compute device chosen for this job ("cpu" or "gpu", from SCOPESIDE_DEVICE / auto)
+    device: str = "cpu"
     input_nodes: list[tuple[str, str]] = field(default_factory=list)
     output_nodes: list[tuple[str, str]] = field(default_factory=list)
     _t0: float = field(default_factory=time.monotonic)
@@ -259,8 +261,10 @@ def run_job(type_name: str, out_dir: str | Path, raw_options: Mapping[str, str] 
     try:
         typed, merged = parse_options(job_cls, raw_options or {}, logger)
         write_job_star(out / "job.star", JobStar(jt.label, is_continue, False, merged))
+        from compute.backend import select_device
+
         ctx = JobContext(out_dir=out, options=typed, raw_options=merged, is_continue=is_continue,
-                         project_dir=project, logger=logger)
+                         project_dir=project, logger=logger, device=select_device())
         logger.info("%s job in %s (%s)", jt.name, ctx.rel(out), "continue" if is_continue else "new")
         job = job_cls(jt)
         job.run(ctx)

@@ -53,3 +53,18 @@ def test_settings_error_names_key_and_file(tmp_path, monkeypatch):
     (proj / "scopeside.toml").write_text("[compute]\nthreads = 4\n")
     s = load_settings(proj, site_path=tmp_path / "missing.toml")
     assert s.compute.threads == 4 and s.executor.kind == "local"
+
+
+def test_forced_gpu_without_gpu_is_one_clear_line(tmp_path, monkeypatch):
+    from compute import backend as be
+
+    be._reset_for_tests()
+    if be.gpu_available():
+        pytest.skip("a GPU is present")
+    r = subprocess.run([sys.executable, "-m", "app.cli", "job", "import", "--o", str(tmp_path / "j")],
+                       capture_output=True, text=True, env={**__import__("os").environ,
+                                                            "SCOPESIDE_DEVICE": "gpu"})
+    assert r.returncode == 2
+    assert "SCOPESIDE_DEVICE=gpu was requested" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+
