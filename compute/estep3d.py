@@ -23,11 +23,10 @@ import numpy as np
 
 from compute import backend as be
 from compute.backend import xp_of
-from compute.ctf import CtfParams, gamma
 from compute.errors import ComputeError
 from compute.fourier import radial_index, soft_mask
 from compute.orientations import grid_matrices, healpix_step_deg, local_perturbations
-from compute.vdam.estep2d import CtfBatch, _significant
+from compute.vdam.estep2d import CtfBatch, _significant, ctf_on_samples
 
 SIGNIFICANT_MASS = 0.999
 MAX_SIGNIFICANT_3D = 2000
@@ -145,24 +144,9 @@ class Estep3D:
 
     def ctf_values(self, ctf: CtfBatch):
         """Each particle's CTF on the sample set, (B, F) float32 (ones without CTF)."""
-        xp = self.xp
-        b = len(ctf)
         if not self.do_ctf:
-            return xp.ones((b, self.n_f), dtype=np.float32)
-        out = np.empty((b, self.n_f), dtype=np.float32)
-        keys = np.stack([ctf.voltage_kv, ctf.cs_mm, ctf.amplitude_contrast], 1)
-        uniq, inv = np.unique(keys, axis=0, return_inverse=True)
-        inv = np.asarray(inv).ravel()
-        k2 = self._kx**2 + self._ky**2
-        for g, (kv, cs, q) in enumerate(uniq):
-            s = inv == g
-            p = CtfParams(defocus_u_a=ctf.defocus_u_a[s, None], defocus_v_a=ctf.defocus_v_a[s, None],
-                          defocus_angle_deg=ctf.defocus_angle_deg[s, None], voltage_kv=float(kv),
-                          cs_mm=float(cs), amplitude_contrast=float(q),
-                          phase_shift_deg=ctf.phase_shift_deg[s, None])
-            c = -np.sin(gamma(self._kx[None], self._ky[None], p))
-            out[s] = c * np.exp(-ctf.bfactor_a2[s, None] * k2[None] / 4.0)
-        return xp.asarray(out)
+            return self.xp.ones((len(ctf), self.n_f), dtype=np.float32)
+        return self.xp.asarray(ctf_on_samples(ctf, self._kx, self._ky))
 
     # -- projection / back-projection ------------------------------------------------------------
     def store(self, vol):

@@ -104,6 +104,28 @@ class CtfBatch:
         return cls(z, z, z, z + 300.0, z + 2.7, z + 0.1, z, z)
 
 
+def ctf_on_samples(ctf: CtfBatch, kx, ky) -> np.ndarray:
+    """Each particle's CTF at the frequencies ``(kx, ky)`` (1/A, shape (F,)), (B, F) float32.
+
+    Particles are grouped by (voltage, Cs, Q) so the aberration terms are evaluated once per
+    optics group; used by the 2D and the 3D E-steps.
+    """
+    out = np.empty((len(ctf), len(kx)), dtype=np.float32)
+    keys = np.stack([ctf.voltage_kv, ctf.cs_mm, ctf.amplitude_contrast], 1)
+    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+    inv = np.asarray(inv).ravel()
+    k2 = kx**2 + ky**2
+    for g, (kv, cs, q) in enumerate(uniq):
+        sel = inv == g
+        p = CtfParams(defocus_u_a=ctf.defocus_u_a[sel, None], defocus_v_a=ctf.defocus_v_a[sel, None],
+                      defocus_angle_deg=ctf.defocus_angle_deg[sel, None], voltage_kv=float(kv),
+                      cs_mm=float(cs), amplitude_contrast=float(q),
+                      phase_shift_deg=ctf.phase_shift_deg[sel, None])
+        c = -np.sin(gamma(kx[None], ky[None], p))
+        out[sel] = c * np.exp(-ctf.bfactor_a2[sel, None] * k2[None] / 4.0)
+    return out
+
+
 @dataclass
 class ParticleResults:
     """Best hypothesis per particle (0-based class; psi in degrees; origin in pixels)."""
@@ -265,26 +287,9 @@ class Estep2D:
 
     def ctf_values(self, ctf: CtfBatch):
         """CTF of each particle on the current sample set, (B, F) float32."""
-        xp = self.xp
-        b = len(ctf)
         if not self.do_ctf:
-            return xp.ones((b, self.n_f), dtype=np.float32)
-        out = np.empty((b, self.n_f), dtype=np.float32)
-        keys = np.stack([ctf.voltage_kv, ctf.cs_mm, ctf.amplitude_contrast], 1)
-        uniq, inv = np.unique(keys, axis=0, return_inverse=True)
-        inv = np.asarray(inv).ravel()
-        k2 = self._kx**2 + self._ky**2
-        for g, (kv, cs, q) in enumerate(uniq):
-            sel = inv == g
-            p = CtfParams(defocus_u_a=ctf.defocus_u_a[sel, None],
-                          defocus_v_a=ctf.defocus_v_a[sel, None],
-                          defocus_angle_deg=ctf.defocus_angle_deg[sel, None],
-                          voltage_kv=float(kv), cs_mm=float(cs), amplitude_contrast=float(q),
-                          phase_shift_deg=ctf.phase_shift_deg[sel, None])
-            c = -np.sin(gamma(self._kx[None], self._ky[None], p))
-            c = c * np.exp(-ctf.bfactor_a2[sel, None] * k2[None] / 4.0)
-            out[sel] = c
-        return xp.asarray(out)
+            return self.xp.ones((len(ctf), self.n_f), dtype=np.float32)
+        return self.xp.asarray(ctf_on_samples(ctf, self._kx, self._ky))
 
     # -- references ---------------------------------------------------------------------------------
     def _padded_transforms(self, refs_fourier):
