@@ -63,12 +63,13 @@ def junk_points(truth, shape) -> dict[str, list[tuple[float, float]]]:
     return out
 
 
-def run_one(d: float, size: int, px: float, seed: int) -> dict:
+def run_one(d: float, size: int, px: float, seed: int, spacing: float | None = None) -> dict:
     fill = 0.2 * (size * px) ** 2 / (np.pi * (d / 2) ** 2)
     t0 = time.perf_counter()
     mg = simulate_micrograph(size, pixel_size_a=px, molecules=[globular(d)],
                              n_particles=int(fill), carbon=True, n_aggregates=3, n_ice_blobs=2,
-                             seed=seed)
+                             seed=seed,
+                             min_distance_a=None if spacing is None else spacing * d)
     t_sim = time.perf_counter() - t0
     tr = mg.truth
     img = mg.image.astype(np.float16).astype(np.float32)  # as read from a float16 MRC
@@ -143,6 +144,9 @@ def main() -> None:
     ap.add_argument("--pixel", type=float, default=1.0, help="pixel size (Å)")
     ap.add_argument("--threads", type=int, default=None, help="FFT threads (default: all)")
     ap.add_argument("--diameters", default="130,180,320")
+    ap.add_argument("--spacing", type=float, default=None,
+                    help="closest centre distance in diameters (default: the simulator's 0.9; "
+                         "1.0 = particles never overlap)")
     a = ap.parse_args()
     if a.threads:
         be.set_workers(a.threads)
@@ -153,7 +157,7 @@ def main() -> None:
           f"{'pick s':>7} {'extr s':>7} {'total s':>7}  junk not picked (agg, ice, carbon)")
     quality = []
     for d in (float(x) for x in a.diameters.split(",")):
-        rows = [run_one(d, a.size, a.pixel, seed) for seed in range(a.n)]
+        rows = [run_one(d, a.size, a.pixel, seed, a.spacing) for seed in range(a.n)]
         for r in rows:
             j = r["junk"]
             print(f"{d:5.0f} {r['seed']:4d} {r['true']:5d} {r['picks']:5d} "
