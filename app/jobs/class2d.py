@@ -182,6 +182,16 @@ class Class2DJob(Job):
         ctx.add_output_node(out["classes"], "Image2DStack.mrcs")
 
 
+def latest_vdam_state(out_dir: Path) -> Path | None:
+    """The newest ``run_itNNN_vdam_state.npz`` checkpoint in a job directory (to resume from)."""
+    best, best_it = None, -1
+    for p in Path(out_dir).glob("run_it*_vdam_state.npz"):
+        m = re.match(r"run_it(\d+)_vdam_state\.npz$", p.name)
+        if m and int(m.group(1)) > best_it:
+            best, best_it = p, int(m.group(1))
+    return best
+
+
 class Class2DWriter:
     """RELION 4 output files of a 2D classification, plus the resume state."""
 
@@ -192,12 +202,7 @@ class Class2DWriter:
         self.star = star
 
     def latest_state(self) -> Path | None:
-        best, best_it = None, -1
-        for p in self.ctx.out_dir.glob("run_it*_vdam_state.npz"):
-            m = re.match(r"run_it(\d+)_vdam_state\.npz$", p.name)
-            if m and int(m.group(1)) > best_it:
-                best, best_it = p, int(m.group(1))
-        return best
+        return latest_vdam_state(self.ctx.out_dir)
 
     def write(self, iteration: int, final: bool = False) -> dict[str, Path]:
         ctx, clf, src = self.ctx, self.clf, self.src

@@ -14,7 +14,6 @@ scheme's ``SET_myref_inimodel`` points there).
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import pandas as pd
 
 from app.errors import UserError
 from app.jobs.base import Job, JobContext, Option
-from app.jobs.class2d import StarParticles
+from app.jobs.class2d import StarParticles, latest_vdam_state
 from compute import backend as be
 from compute.errors import ComputeError
 from compute.inimodel import InitialModel3D, InitialModelParams
@@ -181,12 +180,7 @@ class InitialModelWriter:
         self.ctx, self.src, self.im = ctx, src, im
 
     def latest_state(self) -> Path | None:
-        best, best_it = None, -1
-        for p in self.ctx.out_dir.glob("run_it*_vdam_state.npz"):
-            m = re.match(r"run_it(\d+)_vdam_state\.npz$", p.name)
-            if m and int(m.group(1)) > best_it:
-                best, best_it = p, int(m.group(1))
-        return best
+        return latest_vdam_state(self.ctx.out_dir)
 
     def write(self, iteration: int, final: bool = False) -> dict[str, Path]:
         ctx, im, src = self.ctx, self.im, self.src
