@@ -10,8 +10,10 @@ Usage (the shipped weights were made exactly so; see ``resources/ranker/README.m
 ``generate`` simulates 2D-classification jobs with :mod:`compute.ranker.synth` (class
 averages of simulated particles from :mod:`compute.simulate`, with ground-truth labels)
 and stores the network images, raw features and labels in ``DATA/<split>.npz``. The
-training split uses the molecules in ``TRAIN_MOLECULES``, the validation split the
-held-aside ``VAL_MOLECULES`` under independently drawn conditions. ``add-jobs`` adds
+training and dev splits draw from ``TRAIN_POOL`` (the built-in ``TRAIN_MOLECULES``, random
+variants of them and fresh random proteins from :mod:`compute.simulate.random_molecules`);
+the dev split (other seed) only chooses the epoch to keep (early stopping); the validation
+split uses the held-aside ``VAL_MOLECULES`` under independently drawn conditions. ``add-jobs`` adds
 labelled real classification outputs (``run_itNNN_model.star`` with ground-truth
 particle labels) to a split.
 
@@ -37,6 +39,12 @@ log = logging.getLogger("scopeside.ranker_training")
 
 TRAIN_MOLECULES = ["asym", "ribosome", "rod", "small"]
 VAL_MOLECULES = ["c4ring", "d2"]
+#: molecules drawn for the training and dev splits (:func:`compute.ranker.synth.random_conditions`):
+#: a quarter built-in training molecules, a quarter random variants of them, half fresh
+#: random proteins (:mod:`compute.simulate.random_molecules`; no C4 or D2 symmetry, nothing
+#: derived from the validation molecules)
+TRAIN_POOL = (TRAIN_MOLECULES + [f"var:{m}" for m in TRAIN_MOLECULES]
+              + ["rand"] * (2 * len(TRAIN_MOLECULES)))
 THRESHOLD = 0.15
 #: accuracy features blanked in 25 % of training samples (scopeside's and some RELION
 #: classifications write no accuracy columns)
@@ -54,7 +62,7 @@ def generate(split: str, n_jobs: int, seed: int, out: Path, molecules: list[str]
     from compute.ranker.features import job_features, network_images
     from compute.ranker.synth import random_conditions, synth_job
 
-    mols = molecules or (TRAIN_MOLECULES if split == "train" else VAL_MOLECULES)
+    mols = molecules or (VAL_MOLECULES if split == "val" else TRAIN_POOL)
     rng = np.random.default_rng(seed)
     cols: dict[str, list] = {k: [] for k in ("images", "features", "scored", "target", "purity",
                                              "frc", "good", "n_particles", "job", "kind")}
@@ -203,6 +211,10 @@ def generate_class2d(split: str, n_jobs: int, seed: int, out: Path, n_iter: int,
     return path
 
 
+def _has_split(data_dir: Path, split: str) -> bool:
+    return (data_dir / f"{split}.npz").is_file() or any(data_dir.glob(f"{split}_[0-9]*.npz"))
+
+
 def load_split(path: Path) -> dict[str, np.ndarray]:
     """Scored classes of ``path`` (or of its parts ``<stem>_NNNN.npz``), labels recomputed."""
     parts = [path] if path.is_file() else sorted(path.parent.glob(f"{path.stem}_[0-9]*.npz"))
@@ -289,16 +301,23 @@ def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str]
         tr = {k: np.concatenate([tr[k], extra[k]]) for k in tr}
     va2d = load_split(data_dir / "class2d_val.npz") if (data_dir / "class2d_val.npz").is_file() \
         else None
+    dev = drop_broken_jobs(load_split(data_dir / "dev.npz")) if _has_split(data_dir, "dev") \
+        else None
     stats = FeatureStats.fit(tr["features"])
     Ztr = normalise_features(tr["features"], stats)
     Zva = normalise_features(va["features"], stats)
     Itr = tr["images"].astype(np.float32)
     Iva = va["images"].astype(np.float32)
+    # early stopping on the dev split (training molecules, other jobs) when there is one;
+    # the held-aside validation set is only evaluated, never used to choose anything
+    mon = (dev["images"].astype(np.float32), normalise_features(dev["features"], stats),
+           dev["target"]) if dev is not None else (Iva, Zva, va["target"])
     log.info("training on %d classes (%d jobs), validating on %d classes (%d jobs)",
              len(Itr), len(np.unique(tr["job"])), len(Iva), len(np.unique(va["job"])))
     results: dict = {"train_classes": int(len(Itr)), "val_classes": int(len(Iva)),
                      "train_jobs": int(len(np.unique(tr["job"]))),
                      "val_jobs": int(len(np.unique(va["job"]))),
+                     "dev_classes": 0 if dev is None else int(len(dev["target"])),
                      "threshold": THRESHOLD, "models": {}}
     # big classes weigh more (the acceptance rates count particles), sqrt keeps small ones in
     wtr = np.maximum(tr["n_particles"], 1.0) ** weight_power
@@ -307,15 +326,17 @@ def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str]
     out.mkdir(parents=True, exist_ok=True)
     for mode in modes:
         cfg = TrainConfig(mode=mode, epochs=epochs, threads=threads, seed=seed,
-                          drop_columns=DROP_COLUMNS, drop_prob=0.25)
+                          drop_columns=DROP_COLUMNS, drop_prob=0.25,
+                          select_best=dev is not None)
         t0 = time.monotonic()
-        model, hist = fit(Itr, Ztr, tr["target"], cfg, val=(Iva, Zva, va["target"]),
-                          weights=wtr)
+        model, hist = fit(Itr, Ztr, tr["target"], cfg, val=mon, weights=wtr)
         secs = time.monotonic() - t0
         ev = evaluate_predictions(predict(model, Iva, Zva), va)
         ev_tr = evaluate_predictions(predict(model, Itr, Ztr), tr)
         results["models"][mode] = {"val": ev, "train_mse": ev_tr["mse"], "seconds": secs,
                                    "epochs": epochs, "history": hist}
+        if dev is not None:
+            results["models"][mode]["dev"] = evaluate_predictions(predict(model, *mon[:2]), dev)
         if mode != "image":
             Zna = Zva.copy()
             Zna[:, list(DROP_COLUMNS)] = 0.0
@@ -331,7 +352,7 @@ def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str]
             ckpt = {"config": model.config(), "state_dict": model.state_dict(),
                     "feature_stats": stats.to_dict(),
                     "info": {"threshold": THRESHOLD, "val_mse": ev["mse"], "val_fpr": ev["fpr"],
-                             "val_fnr": ev["fnr"], "train_molecules": TRAIN_MOLECULES,
+                             "val_fnr": ev["fnr"], "train_molecules": TRAIN_POOL,
                              "val_molecules": VAL_MOLECULES}}
             torch.save(ckpt, out / CHECKPOINT_NAME)
             (out / "feature_stats.json").write_text(json.dumps(stats.to_dict(), indent=1),
@@ -345,7 +366,9 @@ def validation_table(results: dict) -> str:
     lines = [f"Validation: {results['val_classes']} scored classes from {results['val_jobs']} "
              f"held-aside jobs (molecules {', '.join(VAL_MOLECULES)}); training: "
              f"{results['train_classes']} classes from {results['train_jobs']} jobs "
-             f"({', '.join(TRAIN_MOLECULES)}). Threshold {results['threshold']}.", "",
+             f"({', '.join(TRAIN_MOLECULES)}, random variants of them and random proteins); "
+             f"early stopping on {results.get('dev_classes', 0)} dev classes of other "
+             f"training-pool jobs. Threshold {results['threshold']}.", "",
              "| model | val MSE | train MSE | particle FPR | particle FNR | worst job FPR | "
              "worst job FNR | train time (s) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -386,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="simulate labelled jobs into DATA/<split>.npz")
-    g.add_argument("--split", choices=["train", "val"], required=True)
+    g.add_argument("--split", choices=["train", "dev", "val"], required=True,
+                   help="train/dev: TRAIN_POOL (dev = early stopping, other seed); "
+                        "val: the held-aside VAL_MOLECULES")
     g.add_argument("--jobs", type=int, required=True)
     g.add_argument("--seed", type=int, required=True)
     g.add_argument("--out", type=Path, required=True)

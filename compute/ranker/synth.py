@@ -137,11 +137,12 @@ class _JobSim:
     """Per-job state: projector, scale of the signal, frequency grids, masks."""
 
     def __init__(self, cond: JobConditions, rng: np.random.Generator) -> None:
-        from compute.simulate.molecules import density_map, molecule
+        from compute.simulate.molecules import density_map
         from compute.simulate.project import Projector
+        from compute.simulate.random_molecules import get_molecule
 
         self.cond, self.rng = cond, rng
-        self.mol = molecule(cond.molecule)
+        self.mol = get_molecule(cond.molecule)
         n, px = cond.box, cond.pixel_size_a
         self.n, self.px = n, px
         self.proj = Projector(density_map(self.mol, n, px))
@@ -414,11 +415,20 @@ def synth_job(cond: JobConditions, seed: int) -> tuple[np.ndarray, list[ClassMet
 
 def random_conditions(rng: np.random.Generator, molecules: list[str]) -> JobConditions:
     """Draw varied job conditions: molecule, pixel size, box, mask diameter (sometimes wrong),
-    SNR, defocus, B-factor, class count and the mix of class kinds."""
-    from compute.simulate.molecules import molecule
+    SNR, defocus, B-factor, class count and the mix of class kinds.
+
+    ``molecules`` holds names for :func:`compute.simulate.random_molecules.get_molecule`;
+    the entry ``"rand"`` draws a fresh random protein (``rand:<seed>``) and ``"var:<name>"``
+    a fresh random variant of a built-in molecule (``var:<name>:<seed>``).
+    """
+    from compute.simulate.random_molecules import get_molecule
 
     name = str(rng.choice(molecules))
-    mol = molecule(name)
+    if name == "rand":
+        name = f"rand:{int(rng.integers(0, 2**31))}"
+    elif name.startswith("var:") and name.count(":") == 1:
+        name = f"{name}:{int(rng.integers(0, 2**31))}"
+    mol = get_molecule(name)
     d_true = mol.diameter_a
     # pixel size such that the particle spans 30-70 px
     d_px = rng.uniform(30, 70)

@@ -37,6 +37,9 @@ class TrainConfig:
     drop_prob: float = 0.0
     #: amplitude of the random anisotropic scale / shear applied to training images
     shape_jitter: float = 0.15
+    #: keep the weights of the epoch with the lowest ``val`` MSE (early stopping on a dev
+    #: split of *training* molecules; never on the held-aside validation molecules)
+    select_best: bool = False
 
 
 def _augment(img: torch.Tensor, gen: torch.Generator, shape_jitter: float) -> torch.Tensor:
@@ -99,7 +102,9 @@ def fit(images: np.ndarray, features: np.ndarray, targets: np.ndarray, cfg: Trai
     Returns
     -------
     The trained model (in eval mode) and the per-epoch history
-    (``epoch``, ``train_mse``, ``val_mse``, ``seconds``).
+    (``epoch``, ``train_mse``, ``val_mse``, ``seconds``); with ``cfg.select_best`` the model
+    has the weights of the best ``val`` epoch and the last entry is
+    ``{"selected_epoch", "val_mse"}``.
     """
     torch.set_num_threads(max(1, int(cfg.threads)))
     torch.manual_seed(cfg.seed)
@@ -115,6 +120,7 @@ def fit(images: np.ndarray, features: np.ndarray, targets: np.ndarray, cfg: Trai
     y = torch.as_tensor(targets, dtype=torch.float32)
     w = torch.as_tensor(np.ones(n) if weights is None else weights, dtype=torch.float32)
     hist: list[dict] = []
+    best: tuple[float, int, dict] | None = None
     t0 = time.monotonic()
     for ep in range(cfg.epochs):
         model.train()
@@ -142,10 +148,16 @@ def fit(images: np.ndarray, features: np.ndarray, targets: np.ndarray, cfg: Trai
             vm = float(np.mean((p - val[2]) ** 2))
         hist.append({"epoch": ep + 1, "train_mse": tot / max(cnt, 1), "val_mse": vm,
                      "seconds": time.monotonic() - t0})
+        if cfg.select_best and vm is not None and (best is None or vm < best[0]):
+            best = (vm, ep + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
         log.info("%s epoch %d/%d train MSE %.4f val MSE %s (%.0f s)", cfg.mode, ep + 1,
                  cfg.epochs, tot / max(cnt, 1), "-" if vm is None else f"{vm:.4f}",
                  time.monotonic() - t0)
         if on_epoch is not None:
             on_epoch(ep + 1, tot / max(cnt, 1), vm)
+    if best is not None:
+        model.load_state_dict(best[2])
+        hist.append({"selected_epoch": best[1], "val_mse": best[0]})
+        log.info("%s: kept epoch %d (val MSE %.4f)", cfg.mode, best[1], best[0])
     model.eval()
     return model, hist

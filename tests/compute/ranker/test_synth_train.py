@@ -77,3 +77,35 @@ def test_fit_learns_a_feature_rule():
     assert hist[-1]["val_mse"] < 0.2 * float(np.var(y[300:]))
     p = predict(model, imgs[300:], F[300:])
     assert np.corrcoef(p, y[300:])[0, 1] > 0.85
+
+
+def test_fit_keeps_the_best_dev_epoch():
+    rng = np.random.default_rng(1)
+    n = 200
+    F = rng.normal(size=(n, 25)).astype(np.float32)
+    y = (1 / (1 + np.exp(-2 * F[:, 0]))).astype(np.float32)
+    imgs = np.zeros((n, 64, 64), dtype=np.float32)
+    cfg = TrainConfig(mode="features", epochs=6, batch_size=32, lr=3e-3, threads=1,
+                      select_best=True)
+    model, hist = fit(imgs[:150], F[:150], y[:150], cfg, val=(imgs[150:], F[150:], y[150:]))
+    epochs = [h for h in hist if "epoch" in h]
+    best = min(epochs, key=lambda h: h["val_mse"])
+    assert hist[-1]["selected_epoch"] == best["epoch"]
+    p = np.clip(predict(model, imgs[150:], F[150:]), 0, 1)
+    assert np.isclose(np.mean((p - y[150:]) ** 2), best["val_mse"], rtol=1e-5)
+
+
+def test_random_training_molecules_in_conditions():
+    from compute.ranker.synth import random_conditions
+
+    rng = np.random.default_rng(3)
+    names = [random_conditions(rng, ["rand", "var:asym", "small"]).molecule for _ in range(30)]
+    assert any(n.startswith("rand:") for n in names)
+    assert any(n.startswith("var:asym:") for n in names)
+    assert "small" in names
+    # a job of a random molecule simulates like any other
+    cond = random_conditions(np.random.default_rng(4), ["rand"])
+    cond = JobConditions(cond.molecule, cond.pixel_size_a, min(cond.box, 64), cond.diameter_a,
+                         0.05, n_classes=4, n_particles=400)
+    imgs, metas, truth = synth_job(cond, 0)
+    assert imgs.shape[0] == 4 and len(truth) == 4
