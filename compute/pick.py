@@ -6,21 +6,27 @@ Algorithm (see ``docs/picking.md``):
    resolution (``maxres_a``, RELION's ``log_maxres``), so a 4096² micrograph becomes ~400².
 2. Mirror-pad the small image and filter it with scale-normalised LoG kernels
    ``-σ² ∇²G_σ`` (sign chosen so that *dark* particles score positive) for a geometric range
-   of diameters between ``diameter_min_a`` and ``diameter_max_a`` (diameter = 2√2 σ), and for
-   larger diameters up to ``max_search × diameter_max_a``.
+   of diameters between ``diameter_min_a`` and ``diameter_max_a`` (diameter = 3.6 σ), and for
+   larger diameters up to ``max_search × diameter_max_a``. The in-range scales filter the
+   image minus an edge-preserving background (a median over ``background_diameters`` × the
+   maximum diameter), so a carbon edge's intensity step does not hide the particles
+   touching it; the larger scales see the whole image.
 3. Per pixel keep the best in-range score and its diameter. Pixels whose best score over
    *all* scales is at a diameter above the maximum belong to something too big to be a
-   particle (ice blob, aggregate, carbon edge); those regions are dilated by the blob's own
-   radius plus the minimum radius and excluded.
+   particle (ice blob, aggregate, carbon edge) and are excluded, and so is a disc of the
+   blob's radius (measured on the image, at most its LoG scale) plus the minimum radius
+   around the centre of every strong large blob.
 4. Threshold at ``mean + adjust_threshold × std`` of the score map (RELION's semantics) and
    never below a noise floor (``noise_floor`` std-devs of the noise, estimated from the
    power just beyond ``maxres_a``), so an empty micrograph gives no picks. Peaks above
    ``mean + upper_threshold × std`` are dropped, and so are peaks that are not round
    (Hessian eigenvalue ratio below ``min_roundness``: edges) or that a larger diameter
    explains almost as well (``big_ratio``: aggregates).
-5. Greedy non-maximum suppression: a weaker peak closer than
-   ``neighbour × (d_detected + d_min) / 2`` to a stronger one is dropped; picks within half
-   their detected diameter of the micrograph edge are dropped.
+5. Peaks with much more mass around them than a typical pick (``mass_ratio``: aggregates)
+   are dropped, then greedy non-maximum suppression: a weaker peak closer than
+   ``neighbour × (d_detected + d_min) / 2`` to a stronger one is dropped (a rejected
+   aggregate peak no longer suppresses the particle next to it); picks within half their
+   detected diameter of the micrograph edge are dropped.
 
 The figure of merit is the score in standard deviations above the score map's mean.
 Works on NumPy or CuPy arrays (FFTs through :mod:`compute.backend`); peak finding runs on
@@ -92,7 +98,13 @@ class LogPickerSettings:
     mass_ratio
         A pick whose response at the first diameter above the maximum (a measure of the
         mass around it) exceeds this multiple of the median over all picks is dropped:
-        aggregates and clumps hold several particles' mass. Needs at least 8 picks.
+        aggregates and clumps hold several particles' mass. Needs at least 8 picks. Applied
+        before the final non-maximum suppression (the median is over a first suppression's
+        picks), so a rejected aggregate peak does not suppress its neighbours.
+    background_diameters
+        The in-range LoG scales see the micrograph minus its median over a disc of this
+        many maximum diameters (edge-preserving: a carbon edge is a step that the median
+        keeps, particles cover too little of the disc to shift it); 0 switches it off.
     big_ratio
         A pick is dropped when some diameter above the maximum scores at least this
         fraction of its own score (it is part of something larger: an aggregate).
@@ -113,6 +125,7 @@ class LogPickerSettings:
     big_blob_std: float = 3.0
     mass_ratio: float = 2.2
     big_blob_z: float = 5.0
+    background_diameters: float = 2.0
 
 
 @dataclass
@@ -299,11 +312,14 @@ def log_maps(mic, pixel_size_a: float, settings: LogPickerSettings,
     # mirror-pad so the periodic FFT sees no edge step (which large kernels would pick up)
     pad = int(math.ceil(1.6 * d_all.max() / DIAM_PER_SIGMA / min(py, px)))
     pad = min(pad, my - 1, mx - 1)
-    padded = xp.pad(small, pad, mode="reflect")
-    fy, fx = padded.shape
+    fy, fx = my + 2 * pad, mx + 2 * pad
     fy2, fx2 = be.next_fast_len(fy), be.next_fast_len(fx)
-    padded = xp.pad(padded, ((0, fy2 - fy), (0, fx2 - fx)), mode="reflect")
-    F = be.rfft2(padded)
+
+    def pad_fft(a):
+        p = xp.pad(a, pad, mode="reflect")
+        return be.rfft2(xp.pad(p, ((0, fy2 - fy), (0, fx2 - fx)), mode="reflect"))
+
+    F = pad_fft(small)
     ky = be.fftfreq(fy2, py, xp=xp)[:, None].astype(np.float32)
     kx = be.rfftfreq(fx2, px, xp=xp)[None, :].astype(np.float32)
     k2 = ky * ky + kx * kx
@@ -311,9 +327,18 @@ def log_maps(mic, pixel_size_a: float, settings: LogPickerSettings,
     kc = 1.0 / max(s.maxres_a, 2.0 * max(py, px))
     lp = xp.exp(-(k2 / (kc * kc)) ** 4).astype(np.float32)
     F = F * lp
+    # the in-range scales see the micrograph minus an edge-preserving background (a median
+    # over ~2 particle diameters): a carbon edge is an intensity step, which the LoG turns
+    # into a band of negative score along the hole side that hides the particles touching
+    # it. The larger scales keep the full image (they must see carbon, ice and aggregates).
+    F_in = F
+    if s.background_diameters > 0:
+        bg = xp.asarray(_edge_background(to_numpy(small), min(py, px), s))
+        F_in = F - pad_fft(bg) * lp
     if ctf is not None:
         c = ctf_from_grid(kx + 0 * ky, ky + 0 * kx, ctf.with_(bfactor_a2=0.0)).astype(np.float32)
         F = F * c
+        F_in = F_in * c
         lp = lp * c
     sign = -1.0 if s.invert else 1.0
     hp = (1.0 - xp.exp(-k2 * (HIGHPASS_DIAMETERS * s.diameter_max_a) ** 2)).astype(np.float32)
@@ -343,11 +368,12 @@ def log_maps(mic, pixel_size_a: float, settings: LogPickerSettings,
         h = kern.astype(np.float32) * lp
         noise_sd[i] = math.sqrt(max(noise_var or 0.0, 0.0)
                                 * float(to_numpy((wcol * h * h).sum())) / (fy2 * fx2))
-        r = be.irfft2(F * kern.astype(np.float32), s=(fy2, fx2))[pad:pad + my, pad:pad + mx]
+        FF = F_in if i < n_in else F
+        r = be.irfft2(FF * kern.astype(np.float32), s=(fy2, fx2))[pad:pad + my, pad:pad + mx]
         if i < n_in:
             # Hessian of the smoothed image at this scale (for the blob-vs-edge test)
             g = (-sign * four_pi2 * sig * sig) * xp.exp(-2.0 * math.pi ** 2 * sig * sig * k2) * hp
-            hs = [be.irfft2(F * (g * a * b).astype(np.float32), s=(fy2, fx2))[pad:pad + my, pad:pad + mx]
+            hs = [be.irfft2(FF * (g * a * b).astype(np.float32), s=(fy2, fx2))[pad:pad + my, pad:pad + mx]
                   for a, b in ((ky, ky), (kx, kx), (ky, kx))]
             if best_in is None:
                 best_in = r.copy()
@@ -411,7 +437,13 @@ def log_maps(mic, pixel_size_a: float, settings: LogPickerSettings,
                    & (bo > t_big) & (bo > s.noise_floor * noise_sd[oi]))
         excluded = ~valid
         if centres.any():
-            excluded |= _dilate_by_scale(centres, oi, d_all, s.diameter_min_a, (py, px))
+            # the blob's radius measured on the image (the LoG scale, in ×1.3 steps, makes
+            # a small dark ice blob as large as the first diameter above the maximum)
+            cy, cx = np.nonzero(centres)
+            r_scale = d_all[oi[cy, cx]] / 2.0 / min(py, px)
+            r_blob = _blob_radii(to_numpy(small), cy, cx, r_scale, sign)
+            excluded |= _paint_discs(score.shape, cy, cx,
+                                     r_blob + s.diameter_min_a / 2.0 / min(py, px))
     thr = np.maximum(np.float32(mean + s.adjust_threshold * std), noise_thr)
     return LogMaps(score=score, diameter_a=diam, excluded=excluded, pixel_size_yx_a=(py, px),
                    offset_px=offset,
@@ -421,31 +453,68 @@ def log_maps(mic, pixel_size_a: float, settings: LogPickerSettings,
                    mass=None if first_out is None else to_numpy(first_out).astype(np.float32))
 
 
-def _dilate_by_scale(big: np.ndarray, scale_idx: np.ndarray, diameters: np.ndarray,
-                     d_min_a: float, pix_yx: tuple[float, float]) -> np.ndarray:
-    """Grow each large-blob pixel into a disc of its blob's radius plus the minimum radius."""
-    out = np.zeros(big.shape, dtype=bool)
-    ps = min(pix_yx)
-    for i in np.unique(scale_idx[big]):
-        m = big & (scale_idx == i)
-        r = (diameters[i] / 2.0 + d_min_a / 2.0) / ps
-        rr = int(math.ceil(r))
-        yy, xx = np.mgrid[-rr:rr + 1, -rr:rr + 1]
-        disc = (yy * yy + xx * xx) <= r * r
-        # FFT convolution is far faster than binary_dilation for large discs
-        conv = _fft_convolve_same(m.astype(np.float32), disc.astype(np.float32))
-        out |= conv > 0.5
+def _edge_background(small: np.ndarray, pix: float, s: LogPickerSettings) -> np.ndarray:
+    """Edge-preserving background of the working image: the median over a disc of
+    ``background_diameters`` × the maximum diameter (particles cover well under half of it),
+    computed on a grid of ~minimum diameter / 4 and interpolated back (bilinear)."""
+    f = max(1, int(round(s.diameter_min_a / 4.0 / pix)))
+    ny, nx = small.shape
+    cy, cx = max(1, ny // f), max(1, nx // f)
+    coarse = small[:cy * f, :cx * f].reshape(cy, f, cx, f).mean(axis=(1, 3))
+    r = max(1.0, 0.5 * s.background_diameters * s.diameter_max_a / (f * pix))
+    rr = int(math.ceil(r))
+    yy, xx = np.mgrid[-rr:rr + 1, -rr:rr + 1]
+    bg = ndimage.median_filter(coarse, footprint=(yy * yy + xx * xx) <= r * r, mode="reflect")
+    gy = (np.arange(ny) + 0.5) / f - 0.5
+    gx = (np.arange(nx) + 0.5) / f - 0.5
+    g = np.meshgrid(gy, gx, indexing="ij")
+    return ndimage.map_coordinates(bg, g, order=1, mode="nearest").astype(np.float32)
+
+
+def _blob_radii(img: np.ndarray, cy: np.ndarray, cx: np.ndarray, r_scale: np.ndarray,
+                sign: float) -> np.ndarray:
+    """Radius (working pixels) of each dark blob centred at (cy, cx): where the ring-averaged
+    image comes back half-way from the blob's centre value to the level just outside the
+    scale radius ``r_scale`` (the LoG scale overestimates the size of small dark blobs, as
+    the steps between searched diameters are coarse). Never more than ``r_scale``."""
+    ny, nx = img.shape
+    out = np.asarray(r_scale, dtype=np.float64).copy()
+    for k, (y, x, rs) in enumerate(zip(cy, cx, r_scale)):
+        R = int(math.ceil(1.5 * rs)) + 1
+        y0, y1, x0, x1 = max(0, y - R), min(ny, y + R + 1), max(0, x - R), min(nx, x + R + 1)
+        sub = sign * img[y0:y1, x0:x1]
+        yy, xx = np.mgrid[y0 - y:y1 - y, x0 - x:x1 - x]
+        rr = np.hypot(yy, xx)
+        ring = (rr >= rs) & (rr <= 1.5 * rs)
+        core = rr <= max(1.0, 0.25 * rs)
+        if not ring.any() or not core.any():
+            continue
+        bg = float(np.median(sub[ring]))
+        v0 = float(sub[core].mean())
+        if not bg > v0:
+            continue
+        ri = np.round(rr).astype(int)
+        n = np.bincount(ri.ravel(), minlength=R + 1)
+        tot = np.bincount(ri.ravel(), weights=sub.ravel(), minlength=R + 1)
+        prof = tot / np.maximum(n, 1)
+        half = v0 + 0.5 * (bg - v0)
+        above = np.nonzero((prof >= half) & (n > 0) & (np.arange(len(prof)) > 0))[0]
+        if len(above):
+            out[k] = min(rs, float(above[0]))
     return out
 
 
-def _fft_convolve_same(a: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Linear convolution of ``a`` with a small odd kernel ``k``, cropped to ``a``'s shape."""
-    ny, nx = a.shape
-    ky, kx = k.shape
-    sy, sx = be.next_fast_len(ny + ky - 1), be.next_fast_len(nx + kx - 1)
-    full = be.irfft2(be.rfft2(a, s=(sy, sx)) * be.rfft2(k, s=(sy, sx)), s=(sy, sx))
-    oy, ox = ky // 2, kx // 2
-    return full[oy:oy + ny, ox:ox + nx]
+def _paint_discs(shape: tuple[int, int], cy: np.ndarray, cx: np.ndarray,
+                 r: np.ndarray) -> np.ndarray:
+    """Boolean mask of discs of radius ``r`` (pixels) centred at (cy, cx)."""
+    ny, nx = shape
+    out = np.zeros(shape, dtype=bool)
+    for y, x, rad in zip(cy, cx, r):
+        R = int(math.ceil(rad))
+        y0, y1, x0, x1 = max(0, y - R), min(ny, y + R + 1), max(0, x - R), min(nx, x + R + 1)
+        yy, xx = np.mgrid[y0 - y:y1 - y, x0 - x:x1 - x]
+        out[y0:y1, x0:x1] |= (yy * yy + xx * xx) <= rad * rad
+    return out
 
 
 def pick_log(mic, pixel_size_a: float, settings: LogPickerSettings,
@@ -501,31 +570,19 @@ def pick_log(mic, pixel_size_a: float, settings: LogPickerSettings,
     yy, xx, sc = yy[order], xx[order], sc[order]
     dd = maps.diameter_a[yy, xx]
 
-    # greedy non-maximum suppression at (d + d_min)/2 (in Å)
     pts = np.stack([yy * py, xx * px], axis=1)
-    tree = cKDTree(pts)
-    rmax = s.neighbour * (float(dd.max()) + s.diameter_min_a) / 2.0
-    pairs = tree.query_ball_point(pts, r=rmax)
-    alive = np.ones(len(yy), dtype=bool)
-    keep = np.zeros(len(yy), dtype=bool)
-    for i in range(len(yy)):
-        if not alive[i]:
-            continue
-        keep[i] = True
-        lim = s.neighbour * (dd[i] + s.diameter_min_a) / 2.0
-        for j in pairs[i]:
-            if j > i and alive[j]:
-                dy = pts[j, 0] - pts[i, 0]
-                dx = pts[j, 1] - pts[i, 1]
-                if dy * dy + dx * dx < lim * lim:
-                    alive[j] = False
-    yy, xx, sc, dd = yy[keep], xx[keep], sc[keep], dd[keep]
-    if maps.mass is not None and len(yy) >= 8:
+    keep = _nms(pts, dd, s)
+    if maps.mass is not None and keep.sum() >= 8:
+        # aggregates hold several particles' mass: drop candidates whose mass is well above
+        # that of a typical pick *before* the final suppression, so that a rejected aggregate
+        # peak does not suppress a real particle next to it
         mass = maps.mass[yy, xx]
-        ref = float(np.median(mass))
+        ref = float(np.median(mass[keep]))
         if ref > 0:
             ok = mass <= s.mass_ratio * ref
-            yy, xx, sc, dd = yy[ok], xx[ok], sc[ok], dd[ok]
+            yy, xx, sc, dd, pts = yy[ok], xx[ok], sc[ok], dd[ok], pts[ok]
+            keep = _nms(pts, dd, s)
+    yy, xx, sc, dd = yy[keep], xx[keep], sc[keep], dd[keep]
 
     # sub-pixel refinement by a parabola through the 3-point neighbourhood
     fy = _parabolic(score, yy, xx, axis=0)
@@ -540,6 +597,30 @@ def pick_log(mic, pixel_size_a: float, settings: LogPickerSettings,
     fom = (sc - maps.mean) / maps.std
     return Picks(x_mic[inside].astype(np.float64), y_mic[inside].astype(np.float64),
                  fom[inside].astype(np.float64), dd[inside].astype(np.float64))
+
+
+def _nms(pts: np.ndarray, dd: np.ndarray, s: LogPickerSettings) -> np.ndarray:
+    """Greedy non-maximum suppression of candidates sorted strongest first: a weaker one
+    closer than ``neighbour`` × (d_detected + d_min)/2 (Å) to a kept one is dropped."""
+    keep = np.zeros(len(pts), dtype=bool)
+    if len(pts) == 0:
+        return keep
+    tree = cKDTree(pts)
+    rmax = s.neighbour * (float(dd.max()) + s.diameter_min_a) / 2.0
+    pairs = tree.query_ball_point(pts, r=rmax)
+    alive = np.ones(len(pts), dtype=bool)
+    for i in range(len(pts)):
+        if not alive[i]:
+            continue
+        keep[i] = True
+        lim = s.neighbour * (dd[i] + s.diameter_min_a) / 2.0
+        for j in pairs[i]:
+            if j > i and alive[j]:
+                dy = pts[j, 0] - pts[i, 0]
+                dx = pts[j, 1] - pts[i, 1]
+                if dy * dy + dx * dx < lim * lim:
+                    alive[j] = False
+    return keep
 
 
 def _parabolic(img: np.ndarray, yy: np.ndarray, xx: np.ndarray, axis: int) -> np.ndarray:
