@@ -53,6 +53,7 @@ class InitialModelParams:
     resolution_increment_shells: int = 3
     coarse_order: int = 1                # HEALPix order of the global coarse grid (30 deg)
     top: int = 5                         # candidates refined per particle
+    recentre: bool = True                # keep each class's centre of mass on the box centre
     inactivity_threshold: float = 0.1
     batch: int = 500                     # particles per E-step call in the final pass
 
@@ -133,6 +134,50 @@ class InitialModel3D:
         t = float(np.clip((iteration - a) / max(b - a, 1e-9), 0.0, 1.0))
         inv = (1 - t) / self.params.ini_resolution_a + t / self.params.fin_resolution_a
         return float(n * px * inv)
+
+    def _phase_ramp(self, shift_zyx):
+        """exp(-2 pi i k.s / n) on the references' half transform: shifts a map by ``s`` voxels."""
+        n = self.source.box
+        kz = np.fft.fftfreq(n)[:, None, None]
+        ky = np.fft.fftfreq(n)[None, :, None]
+        kx = np.fft.rfftfreq(n)[None, None, :]
+        sz, sy, sx = (float(v) for v in shift_zyx)
+        return np.exp(-2j * np.pi * (kz * sz + ky * sy + kx * sx)).astype(np.complex64)
+
+    def centre_offsets(self) -> np.ndarray:
+        """(K, 3) centre of mass (z, y, x voxels from the box centre) of each class's positive
+        density inside the mask."""
+        vols = to_numpy(self.estep.to_real(self.state.refs))
+        n = self.source.box
+        g = (np.arange(n) - n // 2).astype(np.float64)
+        out = np.zeros((len(vols), 3))
+        for k, v in enumerate(vols):
+            d = np.clip(v.astype(np.float64), 0.0, None)
+            tot = d.sum()
+            if tot <= 0:
+                continue
+            out[k] = [(d.sum((1, 2)) * g).sum() / tot, (d.sum((0, 2)) * g).sum() / tot,
+                      (d.sum((0, 1)) * g).sum() / tot]
+        return out
+
+    def _recentre(self) -> None:
+        """Shift each class (reference and half-set moments together) so its centre of mass is
+        on the box centre. A 3D shift of the reference is absorbed by the particles' 2D offsets,
+        so nothing in the likelihood stops a de novo model from drifting; a drifted model is cut
+        by the spherical mask and needs offsets at the edge of the search range, and the
+        refinement that starts from it inherits both (issue 11: 3.4 px = 12 A drift in z)."""
+        xp = self.xp
+        st = self.state
+        moved = False
+        for k, c in enumerate(self.centre_offsets()):
+            if float(np.abs(c).max()) < 0.05:
+                continue
+            ramp = xp.asarray(self._phase_ramp(-c))
+            st.refs[k] = (st.refs[k] * ramp).astype(np.complex64)
+            st.mom1[:, k] = (st.mom1[:, k] * ramp[None]).astype(np.complex64)
+            moved = True
+        if moved:
+            st.refs = self._mask_refs(st.refs)
 
     def _mask_refs(self, refs):
         real = self.estep.to_real(refs) * self.estep.mask3d
@@ -255,6 +300,8 @@ class InitialModel3D:
         rho = self.params.inactivity_threshold if stage.phase == "middle" else None
         replaced = self.optimiser.vdam_step(self.state, acc, stage.step, stage.tau_fudge,
                                             inactivity_threshold=rho)
+        if self.params.recentre:
+            self._recentre()
         if self.state.iteration >= 3:
             r = self.resolution_shell() + self.params.resolution_increment_shells
             r = min(r, self._scheduled_rmax(self.state.iteration))
