@@ -577,7 +577,9 @@ def pick_log(mic, pixel_size_a: float, settings: LogPickerSettings,
         # that of a typical pick *before* the final suppression, so that a rejected aggregate
         # peak does not suppress a real particle next to it
         mass = maps.mass[yy, xx]
-        ref = float(np.median(mass[keep]))
+        # (a typical particle's mass is ~0.3 x its score; picks on the dark side of carbon
+        # or ice have negative mass and must not drag the reference to ~0)
+        ref = max(float(np.median(mass[keep])), 0.25 * float(np.median(sc[keep])))
         if ref > 0:
             ok = mass <= s.mass_ratio * ref
             yy, xx, sc, dd, pts = yy[ok], xx[ok], sc[ok], dd[ok], pts[ok]
