@@ -9,7 +9,9 @@ score the picks:
 
 - precision / recall: a pick is right within 0.2 × diameter of a true single particle
   (the simulator's kind "particle"; each matched once); picks on aggregates count as wrong;
-  ``rec.iso`` is the recall over singles with no other object within one diameter;
+  ``rec.iso`` is the recall over singles with no other object within one diameter,
+  ``rec.carbon`` over singles whose centre is within half a diameter of the carbon edge
+  (they overlap it; the simulator puts centres anywhere in the hole);
 - junk not picked: aggregate centres, ice-blob centres and points along the carbon edge with
   no wrong pick within 0.5 × diameter.
 
@@ -92,6 +94,11 @@ def run_one(d: float, size: int, px: float, seed: int, spacing: float | None = N
                    for q in txy])
     iso = txy[nn >= d / px]
     tp_iso = match_picks(xy, iso, 0.2 * d / px)[0]
+    # singles overlapping the carbon edge (centre within half a diameter of it)
+    c = tr.carbon
+    on_edge = (np.abs(np.hypot(txy[:, 0] - c.centre_x_px, txy[:, 1] - c.centre_y_px) - c.radius_px)
+               < 0.5 * d / px) if c is not None else np.zeros(len(txy), bool)
+    tp_edge = match_picks(xy, txy[on_edge], 0.2 * d / px)[0]
     good = (np.array([np.hypot(*(txy - q).T).min() < 0.2 * d / px for q in xy])
             if len(xy) and len(txy) else np.zeros(len(xy), bool))
     bad = xy[~good]
@@ -101,7 +108,8 @@ def run_one(d: float, size: int, px: float, seed: int, spacing: float | None = N
                for q in pts]
         junk[kind] = (len(pts) - int(np.sum(hit)), len(pts))
     return dict(d=d, seed=seed, t_sim=t_sim, t_pick=t_pick, t_ext=t_ext, tp=tp, picks=n_picks,
-                true=n_true, tp_iso=tp_iso, n_iso=len(iso), junk=junk, n_stack=len(stack16), box=b.box_px, small=b.small_box_px)
+                true=n_true, tp_iso=tp_iso, n_iso=len(iso), tp_edge=tp_edge,
+                n_edge=int(on_edge.sum()), junk=junk, n_stack=len(stack16), box=b.box_px, small=b.small_box_px)
 
 
 def extraction_quality(d: float, px: float = 1.0, size: int = 2048) -> dict:
@@ -153,7 +161,7 @@ def main() -> None:
     print(f"# {a.size}² micrographs at {a.pixel} Å/px, {a.n} per diameter, FFT threads "
           f"{be.n_workers()}, {os.cpu_count()} CPUs")
     print(f"{'diam':>5} {'seed':>4} {'true':>5} {'picks':>5} {'prec':>6} {'recall':>6} "
-          f"{'rec.iso':>7} "
+          f"{'rec.iso':>7} {'rec.carbon':>10} "
           f"{'pick s':>7} {'extr s':>7} {'total s':>7}  junk not picked (agg, ice, carbon)")
     quality = []
     for d in (float(x) for x in a.diameters.split(",")):
@@ -163,6 +171,7 @@ def main() -> None:
             print(f"{d:5.0f} {r['seed']:4d} {r['true']:5d} {r['picks']:5d} "
                   f"{r['tp'] / max(r['picks'], 1):6.3f} {r['tp'] / max(r['true'], 1):6.3f} "
                   f"{r['tp_iso'] / max(r['n_iso'], 1):7.3f} "
+                  f"{r['tp_edge']:4d}/{r['n_edge']:<5d} "
                   f"{r['t_pick']:7.2f} {r['t_ext']:7.2f} {r['t_pick'] + r['t_ext']:7.2f}  "
                   f"{j['aggregate'][0]}/{j['aggregate'][1]}, {j['ice'][0]}/{j['ice'][1]}, "
                   f"{j['carbon'][0]}/{j['carbon'][1]}   (box {r['box']}->{r['small']})")
@@ -174,10 +183,12 @@ def main() -> None:
         tt = np.mean([r["t_pick"] + r["t_ext"] for r in rows])
         ti = sum(r["tp_iso"] for r in rows)
         ni = sum(r["n_iso"] for r in rows)
+        te = sum(r["tp_edge"] for r in rows)
+        ne = sum(r["n_edge"] for r in rows)
         q = extraction_quality(d, a.pixel)
         quality.append((d, q))
         print(f"{d:5.0f}  all {nt:5d} {npk:5d} {tp / max(npk, 1):6.3f} {tp / max(nt, 1):6.3f} "
-              f"{ti / max(ni, 1):7.3f} "
+              f"{ti / max(ni, 1):7.3f} {te:4d}/{ne:<5d} "
               f"{np.mean([r['t_pick'] for r in rows]):7.2f} "
               f"{np.mean([r['t_ext'] for r in rows]):7.2f} {tt:7.2f}  "
               f"junk not picked {jn}/{jt} = {jn / max(jt, 1):.2f}")
