@@ -256,8 +256,9 @@ def movie_truth_row(name: str, truth) -> dict[str, Any]:
         "rlnMicrographMovieName": name, "rlnDefocusU": m.ctf.defocus_u_a,
         "rlnDefocusV": m.ctf.defocus_v_a, "rlnDefocusAngle": m.ctf.defocus_angle_deg,
         "rlnPhaseShift": m.ctf.phase_shift_deg, "rlnCtfBfactor": m.ctf.bfactor_a2,
-        "rlnAccumMotionTotal": float(np.hypot(*np.diff(g, axis=0).T).sum()) if len(g) > 1
-        else 0.0,
+        # RELION's label is in Å: path length of the global trajectory x pixel size
+        "rlnAccumMotionTotal": float(np.hypot(*np.diff(g, axis=0).T).sum()) * m.pixel_size_a
+        if len(g) > 1 else 0.0,
         "scsFinalShiftX": float(g[-1, 0]), "scsFinalShiftY": float(g[-1, 1]),
         "scsNumFrames": truth.n_frames, "scsDosePerFrame": truth.dose_per_frame_e_a2,
         "scsIceThicknessA": m.ice_thickness_mean_a, "scsHasCarbon": int(m.carbon is not None),

@@ -146,10 +146,13 @@ class MicrographTruth:
 @dataclass
 class MicrographComponents:
     """What a movie needs to re-render the specimen: mean intensity ``A`` (relative, ~1)
-    and ``contrast_ft`` = rfft2 of the CTF-modulated contrast ``C``."""
+    and ``contrast_ft`` = rfft2 of the CTF-modulated contrast ``C``; ``illumination`` is the
+    part of ``A`` that belongs to the beam (it stays put while the specimen, and with it the
+    ice-thickness attenuation ``A / illumination``, moves)."""
 
     mean: Any
     contrast_ft: Any
+    illumination: Any = None
 
 
 @dataclass
@@ -428,6 +431,7 @@ def simulate_micrograph(
         },
         carbon=carbon_edge, ice_blobs=blobs, seed=seed, box_px=boxes,
     )
-    comps = MicrographComponents(A, contrast_ft) if return_components else None
+    comps = MicrographComponents(A, contrast_ft, illum.astype(np.float32)) if return_components \
+        else None
     return Micrograph(image=image, truth=truth,
                       expected=expected if return_expected else None, components=comps)

@@ -9,14 +9,18 @@ Frame ``f`` (0-based) of ``n`` is rendered from the specimen of
     raw_f = Poisson( dose_per_frame * pixel^2 * A * (1 + C_f) * s )   counting, sensitivity s
 
 with ``D_f = (f + 1/2) * dose_per_frame`` the exposure at mid-frame, critical exposure
-``Ne(k) = 0.245 k^-1.665 + 2.81`` e/A^2 (k in 1/A; x0.8 at 200 kV and below) and ``A`` the
-specimen's mean intensity (illumination and ice; it does not move). The gain reference is
+``Ne(k) = 0.245 k^-1.665 + 2.81`` e/A^2 (k in 1/A; x0.8 at 200 kV and below) and
+``A = illumination * ice_f`` the mean intensity: the illumination belongs to the beam and
+stays put, the ice-thickness attenuation ``ice_f`` belongs to the specimen and moves with the
+global shift ``g_f`` (bilinear; it is smooth, so the few-px local deformation is neglected
+for it). The gain reference is
 ``1 / s`` (multiply raw frames by it, as RELION and MotionCor2 do); hot pixels are stuck
 high and dead pixels read 0 in every frame.
 
 Motion convention: a specimen point at ``(x, y)`` in frame 0 appears in frame ``f`` at
 ``(x, y) + displacement``; ``displacement`` is 0 for frame 0. The global part ``g_f`` is
-a smooth drift (fast start, then slower) plus small jitter. The local part is a smooth,
+a smooth drift (fast start, then slower) plus small jitter whose largest excursion from the
+frame-0 position is ``drift_px``. The local part is a smooth,
 non-rigid deformation that grows with the frame index: each row ``y`` slides along x by
 ``u_f(y)`` and each column ``x`` slides along y by ``v_f(x)`` (both low-order cosine series),
 applied as exact Fourier shifts (no interpolation blur). The full displacement of a
@@ -95,25 +99,56 @@ def poisson_counts(lam, rng: np.random.Generator, dtype=np.uint16):
     return np.minimum(k, np.iinfo(dtype).max).astype(dtype).reshape(shape)
 
 
+def _shift_field(img, dy: float, dx: float, xp):
+    """``out(y, x) = img(y - dy, x - dx)`` by bilinear interpolation (edges held), for smooth
+    fields that are not periodic (a Fourier shift would wrap them)."""
+    if xp is np:
+        from scipy import ndimage  # noqa: PLC0415
+
+        return ndimage.shift(img, (float(dy), float(dx)), order=1, mode="nearest")
+    from cupyx.scipy import ndimage as cnd  # noqa: PLC0415
+
+    return cnd.shift(img, (float(dy), float(dx)), order=1, mode="nearest")
+
+
 def drift_trajectory(n_frames: int, rng: np.random.Generator, total_px: float = 10.0,
                      jitter_px: float = 0.05) -> np.ndarray:
-    """A global drift ``(n_frames, 2)`` (x, y) px, zero at frame 0, ``total_px`` by the end:
-    a fast initial phase (half the motion in the first ~15 % of frames) then a slow glide,
-    plus smooth jitter."""
+    """A global drift ``(n_frames, 2)`` (x, y) px, zero at frame 0, whose largest excursion
+    from the frame-0 position is exactly ``total_px`` (jitter included): a fast initial phase
+    (half the motion in the first ~15 % of frames) then a slow glide in a direction within
+    90° of the first, plus a smooth random-walk jitter of ``jitter_px`` per frame.
+
+    (Until 2026-12 the path was scaled so that its *end point* lay ``total_px`` away; when
+    the two directions nearly cancelled that blew the path up, e.g. a 195 px wander for
+    ``total_px = 30`` on a 40-frame movie.)
+    """
     t = np.arange(n_frames, dtype=np.float64)
     tau = max(1.0, 0.1 * n_frames)
     fast = 1.0 - np.exp(-t / tau)
     slow = t / max(n_frames - 1, 1)
-    a1, a2 = rng.uniform(0, 2 * np.pi, 2)
+    a1 = rng.uniform(0, 2 * np.pi)
+    a2 = a1 + rng.uniform(-0.5 * np.pi, 0.5 * np.pi)
     d1 = np.array([np.cos(a1), np.sin(a1)])
     d2 = np.array([np.cos(a2), np.sin(a2)])
     path = 0.5 * fast[:, None] * d1 + 0.5 * slow[:, None] * d2
-    end = np.hypot(*path[-1]) if n_frames > 1 else 1.0
-    path *= total_px / max(end, 1e-9)
     if jitter_px > 0 and n_frames > 2:
         j = np.cumsum(rng.normal(0, jitter_px, (n_frames, 2)), axis=0)
         j -= j[0]
-        path += j
+    else:
+        j = np.zeros_like(path)
+    if n_frames > 1 and total_px > 0:
+        # scale the smooth part so that the largest excursion of the whole path is total_px
+        # (the jitter is small against it; a few bisection steps make it exact)
+        lo, hi = 0.0, 2.0 * (total_px + np.abs(j).sum()) / max(np.hypot(*path.T).max(), 1e-9)
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            if np.hypot(*(mid * path + j).T).max() > total_px:
+                hi = mid
+            else:
+                lo = mid
+        path = lo * path + j
+    else:
+        path = path * 0.0 + j
     path[0] = 0.0
     return path
 
@@ -286,7 +321,8 @@ def simulate_movie(
     dose_per_frame_e_a2 : float
         Exposure per frame (e/A^2); the total is ``n_frames`` times this.
     drift_px : float
-        Length of the global drift by the last frame (pixels); ``drift`` gives an explicit
+        Largest excursion of the global drift from the frame-0 position (pixels, jitter
+        included; usually reached by the last frame); ``drift`` gives an explicit
         ``(n_frames, 2)`` x, y trajectory instead (frame 0 must be 0).
     jitter_px : float
         Per-frame random-walk jitter added to the smooth drift.
@@ -326,6 +362,12 @@ def simulate_movie(
                               **micrograph_kw)
     voltage = mic.truth.ctf.voltage_kv
     A = mic.components.mean
+    illum = mic.components.illumination
+    ice = None
+    if illum is not None:
+        ice = (A / illum).astype(np.float32)
+        if float(ice.max() - ice.min()) < 1e-6:
+            ice = None  # uniform ice: nothing to move
     Fc = mic.components.contrast_ft
     ny, nx = shape
 
@@ -398,7 +440,11 @@ def simulate_movie(
             C = be.irfftn(H, s=(ny,), axes=(0,))
         C += 1.0
         xp.clip(C, 0.02, None, out=C)
-        C *= bs
+        if ice is None:
+            C *= bs
+        else:  # the ice moves with the specimen, the illumination does not
+            C *= (counts * illum * s_dev).astype(np.float32)
+            C *= _shift_field(ice, gy, gx, xp) if (gx or gy) else ice
         fr_counts = poisson_counts(C, noise_rng, dtype=dtype)
         if len(hot):
             fr_counts[xp.asarray(hot[:, 0]), xp.asarray(hot[:, 1])] = hot_level

@@ -48,9 +48,31 @@ def test_poisson_counts_distribution():
 def test_drift_trajectory_shape():
     g = drift_trajectory(30, np.random.default_rng(1), total_px=25.0, jitter_px=0.0)
     assert g.shape == (30, 2) and np.all(g[0] == 0)
-    assert abs(np.hypot(*g[-1]) - 25.0) < 1e-9
+    assert abs(np.hypot(*g.T).max() - 25.0) < 1e-6
     step = np.hypot(*np.diff(g, axis=0).T)
     assert step[:3].mean() > step[-5:].mean()  # fast start, slow glide
+
+
+def test_drift_trajectory_largest_excursion_is_drift_px():
+    # the old end-point scaling let a 40-frame path wander 195 px for total_px = 30
+    for seed in range(100):
+        g = drift_trajectory(40, np.random.default_rng(seed), total_px=30.0, jitter_px=0.05)
+        assert abs(np.hypot(*g.T).max() - 30.0) < 1e-6, seed
+        assert np.hypot(*g[-1]) > 15.0, seed  # it drifts, not wanders back
+
+
+def test_ice_moves_with_the_specimen_illumination_does_not():
+    kw = dict(pixel_size_a=1.0, dose_per_frame_e_a2=50.0, local_px=0.0, jitter_px=0.0,
+              dose_damage=False, gain_rms=0.0, n_hot=0, n_dead=0, seed=2, thon_contrast=0.0,
+              n_particles=0, ice_variation=3.0, gradient=0.0)
+    mv = simulate_movie(256, 2, drift=np.array([[0.0, 0.0], [12.0, -7.0]]), **kw)
+    from scipy import ndimage
+
+    a, b = (ndimage.gaussian_filter(f.astype(np.float32), 3.0) for f in mv.frames)
+    inner = (slice(30, -30), slice(30, -30))
+    moved = ((b - ndimage.shift(a, (-7.0, 12.0), order=1))[inner] ** 2).mean()
+    static = ((b - a)[inner] ** 2).mean()
+    assert moved < 0.3 * static, (moved, static)
 
 
 def test_global_drift_recovered_by_cross_correlation():
