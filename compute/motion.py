@@ -213,7 +213,8 @@ def bfactor_weight(shape: tuple[int, int], pixel_size_a: float, bfactor_a2: floa
 def align_stack(F, shape: tuple[int, int], pixel_size_a: float, bfactor_a2: float = 150.0,
                 max_shift_px: float = 40.0, n_iter: int = 10, tolerance_px: float = 0.01,
                 refine_window_px: int = 3, weights=None, taper=None,
-                coarse_bfactor_a2: float | None = 2000.0, lowcut_px: float = 2.0):
+                coarse_bfactor_a2: float | None = 2000.0, lowcut_px: float = 2.0,
+                return_sigma: bool = False, init_shifts=None):
     """Align frames to the sum of the others by Fourier cross-correlation (batched).
 
     Parameters
@@ -228,7 +229,9 @@ def align_stack(F, shape: tuple[int, int], pixel_size_a: float, bfactor_a2: floa
     max_shift_px
         Search radius (pixels of these frames) of the first iteration.
     weights
-        Optional precomputed Fourier weight (ny, nx//2+1) instead of the B-factor weight.
+        Optional Fourier weight (ny, nx//2+1) instead of the B-factor weight, or a callable
+        ``weights(shifts) -> W`` evaluated once after the coarse stage (see
+        :func:`ssnr_weight`).
     lowcut_px
         Frequencies below about this many periods across the frame are suppressed (static
         illumination and ice gradients carry no motion).
@@ -239,25 +242,37 @@ def align_stack(F, shape: tuple[int, int], pixel_size_a: float, bfactor_a2: floa
         The 1D (y, x) window profiles the frames were multiplied by before the FFT; the
         correlation is then normalised by the windows' overlap (see :func:`_overlap_norm`).
 
+    return_sigma
+        Also return the expected standard error of each shift (see :func:`_shift_sigma`).
+    init_shifts
+        Start from these shifts (..., n, 2) and skip the coarse stage (a refinement round).
+
     Returns
     -------
     shifts : (..., n, 2)
         ``(dy, dx)`` displacement of each frame relative to frame 0, in pixels of these frames.
+    sigma : (..., n, 2)
+        Only with ``return_sigma``: standard error of each frame's shift, pixels.
     """
     xp = xp_of(F)
     n = F.shape[-3]
     lead = F.shape[:-3]
     shifts = xp.zeros((*lead, n, 2), dtype=np.float64)
     if n < 2:
-        return shifts
+        return (shifts, xp.full_like(shifts, np.inf)) if return_sigma else shifts
     ky, kx = _freq_grids(shape, xp)
-    W = weights if weights is not None else bfactor_weight(shape, pixel_size_a, bfactor_a2,
-                                                            lowcut_px, xp=xp)
+    weight_fn = weights if callable(weights) else None
+    W = weights if weights is not None and weight_fn is None else bfactor_weight(
+        shape, pixel_size_a, bfactor_a2, lowcut_px, xp=xp)
     # the frame's correlation with itself is removed from its correlation with the sum
     self_power = (F.real ** 2 + F.imag ** 2).astype(np.float32)
     r_full = int(min(max(2, np.ceil(max_shift_px)), min(shape) // 2 - 2))
     r_fine = int(min(max(2, refine_window_px), r_full))
-    if coarse_bfactor_a2 and coarse_bfactor_a2 > bfactor_a2 and r_full > r_fine:
+    if init_shifts is not None:
+        shifts = xp.asarray(init_shifts, dtype=np.float64).reshape(shifts.shape)
+        shifts = shifts - shifts[..., 0:1, :]
+        r_first = r_fine
+    elif coarse_bfactor_a2 and coarse_bfactor_a2 > bfactor_a2 and r_full > r_fine:
         # coarse stage: low-pass heavily and search the whole range until the shifts settle,
         # so a large first step (or a weak first estimate) cannot strand the fine stage
         Wc = bfactor_weight(shape, pixel_size_a, coarse_bfactor_a2, lowcut_px, xp=xp)
@@ -271,6 +286,8 @@ def align_stack(F, shape: tuple[int, int], pixel_size_a: float, bfactor_a2: floa
         r_first = r_fine
     else:
         r_first = r_full
+    if weight_fn is not None:  # data-driven weight, from frames roughly aligned by now
+        W = weight_fn(shifts)
     for it in range(n_iter):
         r = r_first if it == 0 else r_fine
         delta = _align_step(F, self_power, shifts, ky, kx, W, shape, r, taper, xp,
@@ -279,7 +296,107 @@ def align_stack(F, shape: tuple[int, int], pixel_size_a: float, bfactor_a2: floa
         shifts = shifts - shifts[..., 0:1, :]
         if float(xp.abs(delta - delta.mean(axis=-2, keepdims=True)).max()) < tolerance_px:
             break
+    if return_sigma:
+        return shifts, _shift_sigma(F, self_power, shifts, ky, kx, W, xp)
     return shifts
+
+
+def _shift_sigma(F, self_power, shifts, ky, kx, W, xp):
+    """Standard error of each frame's cross-correlation peak position (..., n, 2), pixels.
+
+    At the peak the correlation's slope is zero; its noise is the weighted sum of the cross
+    power's imaginary parts, ``var(dCC/dx) = sum 4 W² (2 pi k_x)² |F_i|² |R_i|² / 2`` (noise-
+    dominated cross power, each half-plane frequency independent), and the peak curvature is
+    ``d²CC/dx² = -sum 2 W (2 pi k_x)² Re P``; the position error is their ratio. This is the
+    usual small-error (Cramér-Rao-like) estimate: it tells the well-measured early frames from
+    the damaged late ones, which the trajectory smoother uses as weights.
+    """
+    ey, ex = _phase_ramps(shifts, ky, kx, xp)
+    G = F * ey[..., :, None]
+    G *= ex[..., None, :]
+    R = G.sum(axis=-3, keepdims=True) - G  # the sum of the others
+    P = (G * xp.conj(R)).real.astype(np.float32)
+    pg = self_power  # |G|² = |F|² (phase ramps have unit modulus)
+    pr = (R.real ** 2 + R.imag ** 2).astype(np.float32)
+    del G, R
+    c = xp.full(kx.shape, 2.0, dtype=np.float32)
+    c[0] = 1.0
+    out = []
+    for k in (ky[:, None] + 0.0 * kx[None, :], kx[None, :] + 0.0 * ky[:, None]):
+        k2 = ((2.0 * np.pi) ** 2 * k * k * c[None, :]).astype(np.float32)
+        curv = (P * (W * k2)).sum(axis=(-2, -1))
+        var = 0.5 * (pg * pr * (W * W * k2 * c[None, :])).sum(axis=(-2, -1))
+        sig = xp.sqrt(var) / xp.maximum(xp.abs(curv), 1e-30)
+        sig = xp.where(curv > 0, sig, np.inf)
+        out.append(sig)
+    return xp.stack(out, axis=-1).astype(np.float64)
+
+
+def ssnr_weight(F, shifts, shape: tuple[int, int], qsum=None, q2sum=None,
+                lowcut_px: float = 2.0, kmax: float = 0.5, smooth_shells: int = 9):
+    """Cross-correlation weight from the data's own spectral signal-to-noise ratio.
+
+    For frame ``i`` (Fourier ``F_i``, signal ``q_i S``, noise power ``N`` before the dose filter
+    ``q_i`` that :func:`correct_motion` multiplies in) against the dose-filtered sum of the
+    others, the cross power has mean ``q_i² Σq² S²`` and variance about
+    ``q_i² N (Σq² N + (Σq²)² S²)``; weighting each frequency by mean / variance gives
+    ``W ∝ SSNR / (1 + Σq² SSNR)`` with ``SSNR = S² / N`` of one undamaged frame. ``S²`` and
+    ``N`` are estimated per shell from the roughly aligned frames: the coherent power
+    ``|Σ F_i|² - Σ |F_i|²`` holds only signal, ``Σ |F_i|²`` is almost all noise. Unlike a fixed
+    B-factor this follows the specimen's real spectrum (Thon rings, ice, particles) and puts
+    the weight where the *sum of the others* is still informative.
+
+    ``qsum``, ``q2sum``: ``Σ q_i`` and ``Σ q_i²`` on the rfft grid (None = no dose filter).
+    Returns a (ny, nx//2+1) float32 weight with the lowest ``lowcut_px`` shells and
+    frequencies beyond ``kmax`` (cycles/pixel) suppressed.
+    """
+    xp = xp_of(F)
+    ny, nx = shape
+    n = F.shape[-3]
+    ky, kx = _freq_grids(shape, xp)
+    ey, ex = _phase_ramps(shifts, ky, kx, xp)
+    coh = None
+    inc = None
+    # accumulate frame by frame (no full-size copy of the stack); leading axes are summed too
+    Fl = F.reshape(-1, n, *F.shape[-2:])
+    eyl = ey.reshape(-1, n, ey.shape[-1])
+    exl = ex.reshape(-1, n, ex.shape[-1])
+    for b in range(Fl.shape[0]):
+        S = xp.zeros(F.shape[-2:], dtype=np.complex64)
+        for i in range(n):
+            g = Fl[b, i] * eyl[b, i][:, None]
+            g *= exl[b, i][None, :]
+            S += g
+            p = (g.real ** 2 + g.imag ** 2)
+            inc = p if inc is None else inc + p
+        c = S.real ** 2 + S.imag ** 2
+        coh = c if coh is None else coh + c
+    coh = coh - inc
+    kr = xp.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2)
+    nsh = int(np.ceil(0.5 * max(shape) * np.sqrt(2))) + 1
+    shell = xp.minimum((kr * max(shape)).astype(np.int64), nsh - 1).ravel()
+
+    def rad(a):
+        a = xp.broadcast_to(xp.asarray(a, dtype=np.float64), kr.shape).ravel()
+        return be.to_numpy(xp.bincount(shell, weights=a, minlength=nsh))
+
+    cnt = np.maximum(rad(1.0), 1.0)
+    if qsum is None:
+        qs, q2 = np.full(nsh, float(n)), np.full(nsh, float(n))
+    else:
+        qs, q2 = rad(qsum) / cnt, rad(q2sum) / cnt
+    sig = rad(coh) / cnt / np.maximum(qs * qs - q2, 1e-12)  # S² per shell
+    noise = rad(inc) / cnt / np.maximum(q2, 1e-12)          # N per shell
+    ssnr = np.clip(sig / np.maximum(noise, 1e-30), 0.0, None)
+    if smooth_shells > 1:  # shells are noisy; the spectrum is smooth on this scale
+        kern = np.ones(smooth_shells) / smooth_shells
+        ssnr = np.convolve(np.pad(ssnr, smooth_shells // 2, mode="edge"), kern, mode="valid")
+    w = ssnr / (1.0 + q2 * ssnr)
+    W = xp.asarray(w.astype(np.float32))[shell].reshape(kr.shape)
+    r = kr * min(shape)
+    W = W * (1.0 - xp.exp(-(r / max(lowcut_px, 1e-3)) ** 2)) * (kr <= kmax)
+    top = float(W.max())
+    return (W / top if top > 0 else W).astype(np.float32)
 
 
 def _crop_size(W, n: int, frac: float = 1e-3) -> int:
@@ -341,33 +458,57 @@ def _align_step(F, self_power, shifts, ky, kx, W, shape, r: int, taper, xp, coar
     return _parabolic_peak(win, r, xp)
 
 
-def smooth_trajectory(shifts, lambdas=(0.3, 1.0, 3.0, 10.0, 30.0, 100.0)):
-    """Denoise a measured trajectory (n, 2) with an adaptive Whittaker smoother.
+def smooth_trajectory(shifts, lambdas=None, sigma=None, order: int = 3):
+    """Denoise a measured trajectory (n, 2) with an adaptive, weighted Whittaker smoother.
 
-    Minimises ``|s - m|² + lambda * sum_i w_i (D² s)_i²`` per axis, where ``m`` are the measured
-    shifts and ``D²`` second differences. The per-step weights ``w_i`` relax the penalty where
-    the measured curvature is far above the noise (the fast first frames), and ``lambda`` is
-    chosen by generalised cross-validation, so a clean trajectory is left as it is.
-    Frame 0 stays the origin.
+    Minimises ``sum_i w_i (s_i - m_i)² + lambda * sum_j v_j (D^order s)_j²`` per axis, where
+    ``m`` are the measured shifts, ``w_i = 1 / sigma_i²`` the measurement weights (uniform
+    without ``sigma``; the per-frame standard errors of :func:`align_stack` make the smoother
+    follow the well-measured early frames, where the fast initial motion is, and average the
+    noisy, dose-damaged late ones), ``D`` finite differences, and ``v_j`` relax the penalty
+    where the measured curvature is far above the noise (the fast first frames). ``lambda``
+    is chosen by (weighted) generalised cross-validation, so a clean trajectory is left as it
+    is. ``sigma`` is itself noisy, so only its smooth trend over the frames (a quadratic in
+    log sigma) is used. Frame 0 stays the origin.
     """
     m = np.asarray(be.to_numpy(shifts), dtype=np.float64)
     n = m.shape[0]
     if n < 5:
         return m
-    D = np.diff(np.eye(n), 2, axis=0)  # (n-2, n)
+    order = int(min(max(order, 1), n - 2))
+    if lambdas is None:
+        lambdas = np.logspace(-2, 4, 25)
+    t = np.arange(n, dtype=np.float64)
+    wts = np.ones_like(m)
+    if sigma is not None:
+        sg = np.asarray(be.to_numpy(sigma), dtype=np.float64).reshape(n, -1)
+        for a in range(m.shape[1]):
+            lg = np.log(np.clip(sg[:, a], 1e-6, 1e6))
+            ok = np.isfinite(sg[:, a]) & (sg[:, a] > 0)
+            if ok.sum() >= 5:
+                trend = np.exp(np.polyval(np.polyfit(t[ok], lg[ok], 2), t))
+                wts[:, a] = 1.0 / trend ** 2
+        wts /= wts.mean(axis=0, keepdims=True)
+    D = np.diff(np.eye(n), order, axis=0)
+    D2 = np.diff(np.eye(n), 2, axis=0)
     out = np.empty_like(m)
     for a in range(m.shape[1]):
         y = m[:, a]
+        w = wts[:, a]
         d3 = np.diff(y, 3)
-        sigma = 1.4826 * np.median(np.abs(d3 - np.median(d3))) / np.sqrt(20.0) + 1e-9
-        curv = np.abs(D @ y)
-        w = 1.0 / (1.0 + (curv / (4.0 * sigma * np.sqrt(6.0))) ** 2)
-        P = D.T @ (w[:, None] * D)
+        sigma_n = 1.4826 * np.median(np.abs(d3 - np.median(d3))) / np.sqrt(20.0) + 1e-9
+        curv = np.abs(D2 @ y)  # second differences of the data mark the fast phase
+        v2 = 1.0 / (1.0 + (curv / (4.0 * sigma_n * np.sqrt(6.0))) ** 2)
+        # penalty weights per row of D: the smallest v2 the row's frames touch
+        v = np.array([v2[max(0, j - 1):j + order - 1].min() if v2.size else 1.0
+                      for j in range(D.shape[0])])
+        P = D.T @ (v[:, None] * D)
+        Wm = np.diag(w)
         best = None
         for lam in lambdas:
-            H = np.linalg.inv(np.eye(n) + lam * P)
+            H = np.linalg.solve(Wm + lam * P, Wm)
             fit = H @ y
-            rss = float(((y - fit) ** 2).sum())
+            rss = float((w * (y - fit) ** 2).sum())
             tr = float(np.trace(H))
             gcv = n * rss / max((n - tr) ** 2, 1e-12)
             if best is None or gcv < best[0]:
@@ -596,7 +737,10 @@ class MotionOptions:
     group_frames: int = 1
     bin_factor: float = 1.0
     do_dose_weighting: bool = True
-    align_max_size: int = 1024
+    align_max_size: int = 2048
+    align_max_res_a: float = 4.0
+    ssnr_weighting: bool = False
+    refine_rounds: int = 0
     max_shift_px: float = 200.0
     n_iter: int = 10
     tolerance_px: float = 0.01
@@ -744,15 +888,34 @@ def correct_motion(frames: FrameSource, opts: MotionOptions, gain=None, defect_m
         else xp.asarray(binned)
     means = grouped.mean(axis=(-2, -1), keepdims=True)
     F = be.rfft2((grouped - means) * taper).astype(np.complex64)
+    qsum = q2sum = None
     if opts.dose_per_frame_e_a2:
         # matched filter: a damaged frame keeps its signal at low resolution only, so weight
         # each (group of) frame(s) by its expected dose fading before correlating
-        F *= _group_dose_filter(ash, px_align, opts, n, g, xp)
-    gshift = align_stack(F, ash, px_align, opts.bfactor_a2, opts.max_shift_px / abin,
-                         opts.n_iter, opts.tolerance_px, taper=prof,
-                         lowcut_px=opts.lowcut_cycles)
+        qf = _group_dose_filter(ash, px_align, opts, n, g, xp)
+        F *= qf
+        qsum, q2sum = qf.sum(axis=0), (qf * qf).sum(axis=0)
+        del qf
+    weights = None
+    if opts.ssnr_weighting:
+        def weights(sh, F=F):  # evaluated by align_stack after its coarse stage
+            return ssnr_weight(F, sh, ash, qsum, q2sum, opts.lowcut_cycles,
+                               kmax=min(0.5, px_align / max(opts.align_max_res_a, 1e-3)))
+    gshift, gsig = align_stack(F, ash, px_align, opts.bfactor_a2, opts.max_shift_px / abin,
+                               opts.n_iter, opts.tolerance_px, taper=prof,
+                               lowcut_px=opts.lowcut_cycles, weights=weights,
+                               return_sigma=True)
     if opts.smooth_trajectory and ng >= 12:  # too few points to tell noise from curvature
-        gshift = smooth_trajectory(gshift)
+        gshift = smooth_trajectory(gshift, sigma=gsig)
+        for _ in range(opts.refine_rounds):
+            # the reference (sum of the others) is now built from the smoothed trajectory,
+            # i.e. less blurred by the other frames' measurement noise: measure again
+            W = weights(gshift) if weights is not None else None
+            gshift, gsig = align_stack(F, ash, px_align, opts.bfactor_a2, 2.0, 1,
+                                       opts.tolerance_px, taper=prof,
+                                       lowcut_px=opts.lowcut_cycles, weights=W,
+                                       return_sigma=True, init_shifts=gshift)
+            gshift = smooth_trajectory(gshift, sigma=gsig)
     shifts_a = interpolate_group_shifts(be.to_numpy(gshift), g, n)  # align pixels, per frame
     shifts = shifts_a * abin
     del F
