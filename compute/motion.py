@@ -86,10 +86,15 @@ def bin_sum(img, factor: int):
         return img
     ny, nx = img.shape[-2:]
     h, w = ny // factor, nx // factor
-    a = img[..., : h * factor, : w * factor].astype(np.float32, copy=False)
-    # two contiguous reductions are several times faster than one over two strided axes
-    a = a.reshape(*img.shape[:-2], h * factor, w, factor).sum(axis=-1)
-    return a.reshape(*img.shape[:-2], h, factor, w).sum(axis=-2)
+    a = img[..., : h * factor, : w * factor]
+    # strided slice additions: a reduction over a tiny trailing axis is ~20x slower
+    cols = a[..., :, 0::factor].astype(np.float32)
+    for j in range(1, factor):
+        cols += a[..., :, j::factor]
+    out = cols[..., 0::factor, :].copy()
+    for j in range(1, factor):
+        out += cols[..., j::factor, :]
+    return out
 
 
 def taper_profiles(shape: tuple[int, int], edge_frac: float = 0.05) -> list[np.ndarray]:
@@ -276,60 +281,156 @@ def align_stack(F, shape: tuple[int, int], pixel_size_a: float, bfactor_a2: floa
         # coarse stage: low-pass heavily and search the whole range until the shifts settle,
         # so a large first step (or a weak first estimate) cannot strand the fine stage
         Wc = bfactor_weight(shape, pixel_size_a, coarse_bfactor_a2, lowcut_px, xp=xp)
+        # crop once to where the coarse weight matters (the correlation is then computed on
+        # the small grid; lags come back in units of ny/cy, nx/cx pixels)
+        cy, cx = _crop_size(Wc, shape[0]), _crop_size(Wc, shape[1])
+        crop = _crop_grid(shape, (cy, cx), xp)
+        Fc = F[..., crop[0], :][..., : crop[1]]
+        kyc, kxc = ky[crop[0]], kx[: crop[1]]
+        Wcc = Wc[crop[0], :][:, : crop[1]]
+        selfc = (Fc.real ** 2 + Fc.imag ** 2).astype(np.float32)
         for _ in range(max(3, n_iter // 2)):
-            delta = _align_step(F, self_power, shifts, ky, kx, Wc, shape, r_full, taper, xp,
-                                coarse=True)
+            delta = _coarse_step(Fc, selfc, shifts, kyc, kxc, Wcc, (cy, cx),
+                                 (shape[0] / cy, shape[1] / cx), r_full, taper, xp)
             shifts = shifts + delta
             shifts = shifts - shifts[..., 0:1, :]
             if float(xp.abs(delta - delta.mean(axis=-2, keepdims=True)).max()) < 0.5:
                 break
+        del Fc, selfc
         r_first = r_fine
     else:
         r_first = r_full
     if weight_fn is not None:  # data-driven weight, from frames roughly aligned by now
         W = weight_fn(shifts)
+    selfwin = None
     for it in range(n_iter):
         r = r_first if it == 0 else r_fine
-        delta = _align_step(F, self_power, shifts, ky, kx, W, shape, r, taper, xp,
-                            coarse=r > r_fine)
+        if r > r_fine:  # no coarse stage: one full-grid search first
+            delta = _coarse_step(F, self_power, shifts, ky, kx, W, shape, (1.0, 1.0), r,
+                                 taper, xp)
+        else:
+            if selfwin is None:
+                selfwin = _self_window(self_power, W, ky, kx, shape, r_fine, xp)
+            # once the peak sits within a pixel of zero lag, the 3x3 lags around it are all
+            # the parabolic fit needs (the direct DFT costs in proportion to the lags)
+            rr = r if it <= (1 if r_first > r_fine else 0) else 1
+            sw = selfwin[..., r_fine - rr:r_fine + rr + 1, r_fine - rr:r_fine + rr + 1]
+            delta = _fine_step(F, sw, shifts, ky, kx, W, shape, rr, taper, xp)
         shifts = shifts + delta
         shifts = shifts - shifts[..., 0:1, :]
         if float(xp.abs(delta - delta.mean(axis=-2, keepdims=True)).max()) < tolerance_px:
             break
     if return_sigma:
-        return shifts, _shift_sigma(F, self_power, shifts, ky, kx, W, xp)
+        return shifts, _shift_sigma(F, self_power, shifts, ky, kx, W, shape, xp)
     return shifts
 
 
-def _shift_sigma(F, self_power, shifts, ky, kx, W, xp):
+def _shift_sigma(F, self_power, shifts, ky, kx, W, shape, xp):
     """Standard error of each frame's cross-correlation peak position (..., n, 2), pixels.
 
     At the peak the correlation's slope is zero; its noise is the weighted sum of the cross
-    power's imaginary parts, ``var(dCC/dx) = sum 4 W² (2 pi k_x)² |F_i|² |R_i|² / 2`` (noise-
-    dominated cross power, each half-plane frequency independent), and the peak curvature is
-    ``d²CC/dx² = -sum 2 W (2 pi k_x)² Re P``; the position error is their ratio. This is the
-    usual small-error (Cramér-Rao-like) estimate: it tells the well-measured early frames from
-    the damaged late ones, which the trajectory smoother uses as weights.
+    power's imaginary parts, ``var(dCC/dx) = sum c² W² (2 pi k_x)² |F_i|² |R_i|² / 2`` (noise-
+    dominated cross power, each half-plane frequency independent, ``c`` = 2 for the columns
+    the rfft stores once for two), and the peak curvature is ``d²CC/dx² = -sum c W (2 pi
+    k_x)² Re P``; the position error is their ratio. This is the usual small-error
+    (Cramér-Rao-like) estimate: it tells the well-measured early frames from the damaged
+    late ones, which the trajectory smoother uses as weights.
     """
+    n = F.shape[-3]
     ey, ex = _phase_ramps(shifts, ky, kx, xp)
-    G = F * ey[..., :, None]
-    G *= ex[..., None, :]
-    R = G.sum(axis=-3, keepdims=True) - G  # the sum of the others
-    P = (G * xp.conj(R)).real.astype(np.float32)
-    pg = self_power  # |G|² = |F|² (phase ramps have unit modulus)
-    pr = (R.real ** 2 + R.imag ** 2).astype(np.float32)
-    del G, R
+    S = _shifted_sum(F, ey, ex, xp)
+    c = _rfft_column_weights(kx, shape[1], xp)
+    k2y = ((2.0 * np.pi) ** 2 * ky * ky).astype(np.float32)[:, None] * c[None, :]
+    k2x = ((2.0 * np.pi) ** 2 * kx * kx).astype(np.float32)[None, :] * c[None, :]
+    wy, wx_ = W * k2y, W * k2x
+    wwy, wwx = W * wy * c[None, :], W * wx_ * c[None, :]
+    out = xp.empty((*F.shape[:-3], n, 2), dtype=np.float64)
+    for j in range(n):
+        G = F[..., j, :, :] * ey[..., j, :, None]
+        G *= ex[..., j, None, :]
+        R = S - G
+        P = (G * xp.conj(R)).real
+        pr = R.real ** 2 + R.imag ** 2
+        pr *= self_power[..., j, :, :]
+        for a, (w1, w2) in enumerate(((wy, wwy), (wx_, wwx))):
+            curv = (P * w1).sum(axis=(-2, -1))
+            var = 0.5 * (pr * w2).sum(axis=(-2, -1))
+            sig = xp.sqrt(var) / xp.maximum(xp.abs(curv), 1e-30)
+            out[..., j, a] = xp.where(curv > 0, sig, np.inf)
+    return out
+
+
+def _rfft_column_weights(kx, nx: int, xp):
+    """2 for rfft columns that stand for two frequencies (±kx), 1 for kx = 0 and Nyquist."""
     c = xp.full(kx.shape, 2.0, dtype=np.float32)
     c[0] = 1.0
-    out = []
-    for k in (ky[:, None] + 0.0 * kx[None, :], kx[None, :] + 0.0 * ky[:, None]):
-        k2 = ((2.0 * np.pi) ** 2 * k * k * c[None, :]).astype(np.float32)
-        curv = (P * (W * k2)).sum(axis=(-2, -1))
-        var = 0.5 * (pg * pr * (W * W * k2 * c[None, :])).sum(axis=(-2, -1))
-        sig = xp.sqrt(var) / xp.maximum(xp.abs(curv), 1e-30)
-        sig = xp.where(curv > 0, sig, np.inf)
-        out.append(sig)
-    return xp.stack(out, axis=-1).astype(np.float64)
+    if nx % 2 == 0:
+        c[-1] = 1.0
+    return c
+
+
+def _shifted_sum(F, ey, ex, xp):
+    """``sum_j F_j * ey_j * ex_j`` over the frame axis, one frame at a time (no stack copy)."""
+    n = F.shape[-3]
+    S = xp.zeros((*F.shape[:-3], *F.shape[-2:]), dtype=np.complex64)
+    for j in range(n):
+        g = F[..., j, :, :] * ey[..., j, :, None]
+        g *= ex[..., j, None, :]
+        S += g
+    return S
+
+
+def _crop_grid(shape, crop_shape, xp):
+    """Row indices and column count of an rfft grid cropped to ``crop_shape``."""
+    ny = shape[0]
+    cy, cx = crop_shape
+    h = cy // 2
+    rows = xp.concatenate([xp.arange(h), xp.arange(ny - h, ny)]) if cy < ny else xp.arange(ny)
+    return rows, cx // 2 + 1
+
+
+def _lag_matrices(ky, kx, nx: int, r: int, xp):
+    """DFT rows ``exp(2 pi i lag k)`` for lags -r..r: (L, ny) and (L, nxh) (the latter with
+    the rfft column weights, so ``Re(Ey P Ex^T)`` is the real correlation at those lags)."""
+    lags = xp.arange(-r, r + 1, dtype=np.float32)
+    Ey = xp.exp((2j * np.pi) * lags[:, None] * ky[None, :]).astype(np.complex64)
+    c = _rfft_column_weights(kx, nx, xp)
+    Ex = (xp.exp((2j * np.pi) * lags[:, None] * kx[None, :]) * c[None, :]).astype(np.complex64)
+    return Ey, Ex
+
+
+def _self_window(self_power, W, ky, kx, shape, r: int, xp):
+    """Each frame's correlation with itself at lags -r..r (..., n, L, L): it is removed from
+    the correlation with the full sum, so the frame's own noise never correlates."""
+    Ey, Ex = _lag_matrices(ky, kx, shape[1], r, xp)
+    return xp.matmul(xp.matmul(Ey, (self_power * W).astype(np.complex64)), Ex.T).real
+
+
+def _fine_step(F, selfwin, shifts, ky, kx, W, shape, r: int, taper, xp):
+    """Fine round: every frame against the sum of the others at the (2r+1)² lags around its
+    current shift, by a direct DFT (two small matrix products per frame).
+
+    The frame's own phase ramp is folded into the DFT rows instead of being applied to a copy
+    of the whole stack, and the weight into the conjugate sum, so one complex multiply per
+    frame and two thin matrix products are all the full-grid work.
+    """
+    n = F.shape[-3]
+    ey, ex = _phase_ramps(shifts, ky, kx, xp)
+    S = _shifted_sum(F, ey, ex, xp)
+    SW = xp.conj(S)
+    SW *= W
+    Ey0, Ex0 = _lag_matrices(ky, kx, shape[1], r, xp)
+    L = 2 * r + 1
+    win = xp.empty((*F.shape[:-3], n, L, L), dtype=np.float32)
+    for j in range(n):
+        M = F[..., j, :, :] * SW
+        Eyj = Ey0 * ey[..., j, None, :]
+        Exj = Ex0 * ex[..., j, None, :]
+        win[..., j, :, :] = xp.matmul(xp.matmul(Eyj, M), xp.swapaxes(Exj, -1, -2)).real
+    win -= selfwin
+    if taper is not None:
+        win = win / xp.asarray(_overlap_norm(be.to_numpy(shifts), taper, r))
+    return _parabolic_peak(win, r, xp)
 
 
 def ssnr_weight(F, shifts, shape: tuple[int, int], qsum=None, q2sum=None,
@@ -412,13 +513,11 @@ def _crop_size(W, n: int, frac: float = 1e-3) -> int:
     return int(min(n, max(32, c)))
 
 
-def _align_step(F, self_power, shifts, ky, kx, W, shape, r: int, taper, xp, coarse: bool):
-    """One round: every frame against the sum of the others; returns the shift updates.
-
-    The coarse search (large ``r``) runs an inverse FFT on a grid cropped to where the weight
-    matters; the fine search evaluates only the (2r+1)² lags around zero by two small matrix
-    products (a direct DFT), far cheaper than a full inverse FFT.
-    """
+def _coarse_step(F, self_power, shifts, ky, kx, W, shape, scale, r: int, taper, xp):
+    """Coarse round on a (possibly Fourier-cropped) grid: every frame against the sum of the
+    others by an inverse FFT, peak searched within ``r`` original pixels; returns the shift
+    updates in original pixels. ``ky``, ``kx`` are the grid's frequencies in cycles per
+    *original* pixel and ``scale`` = original pixels per lag of this grid."""
     ey, ex = _phase_ramps(shifts, ky, kx, xp)
     G = F * ey[..., :, None]
     G *= ex[..., None, :]
@@ -427,35 +526,17 @@ def _align_step(F, self_power, shifts, ky, kx, W, shape, r: int, taper, xp, coar
     P *= xp.conj(S)
     P -= self_power
     P *= W
-    ny, nx = shape
-    if coarse:
-        cy = _crop_size(W, ny)
-        cx = _crop_size(W, nx)
-        if cy < ny or cx < nx:
-            h = cy // 2
-            P = xp.concatenate([P[..., :h, :], P[..., ny - h:, :]], axis=-2)[..., : cx // 2 + 1]
-        cc = be.irfft2(P, s=(cy, cx))
-        fy, fx = ny / cy, nx / cx
-        rc = int(np.ceil(r / min(fy, fx)))
-        iy = xp.arange(-rc, rc + 1) % cy
-        ix = xp.arange(-rc, rc + 1) % cx
-        win = cc[..., iy, :][..., ix]
-        if taper is not None:
-            lag_scale = (fy, fx)
-            win = win / xp.asarray(_overlap_norm(be.to_numpy(shifts), taper, rc, lag_scale))
-        pk = _parabolic_peak(win, rc, xp)
-        return pk * xp.asarray([fy, fx])
-    lags = xp.arange(-r, r + 1, dtype=np.float32)
-    Ey = xp.exp((2j * np.pi) * lags[:, None] * ky[None, :]).astype(np.complex64)  # (L, ny)
-    wx = xp.full(kx.shape, 2.0, dtype=np.float32)
-    wx[0] = 1.0
-    if nx % 2 == 0:
-        wx[-1] = 1.0
-    Ex = (xp.exp((2j * np.pi) * lags[:, None] * kx[None, :]) * wx[None, :]).astype(np.complex64)
-    win = xp.matmul(xp.matmul(Ey, P), Ex.T).real  # (..., L, L)
+    cy, cx = shape
+    cc = be.irfft2(P, s=(cy, cx))
+    fy, fx = scale
+    rc = int(min(np.ceil(r / min(fy, fx)), min(cy, cx) // 2 - 2))
+    iy = xp.arange(-rc, rc + 1) % cy
+    ix = xp.arange(-rc, rc + 1) % cx
+    win = cc[..., iy, :][..., ix]
     if taper is not None:
-        win = win / xp.asarray(_overlap_norm(be.to_numpy(shifts), taper, r))
-    return _parabolic_peak(win, r, xp)
+        win = win / xp.asarray(_overlap_norm(be.to_numpy(shifts), taper, rc, (fy, fx)))
+    pk = _parabolic_peak(win, rc, xp)
+    return pk * xp.asarray([fy, fx])
 
 
 def smooth_trajectory(shifts, lambdas=None, sigma=None, order: int = 3):
@@ -1014,10 +1095,22 @@ def _group_dose_filter(shape, pixel_size_a: float, opts: MotionOptions, n: int, 
     """Mean dose fading q(k) of each group of ``g`` frames on an rfft grid (ng, ny, nx//2+1)."""
     ky, kx = _freq_grids(shape, xp)
     k = xp.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2) / pixel_size_a
-    q = dose_weights(n, k, float(opts.dose_per_frame_e_a2), opts.pre_exposure_e_a2,
-                     opts.voltage_kv)
+    # q_i = exp(-D_i / (2 Ne)) with D_i = pre + (i + 1/2) dose: q_0 * r^i, in float32
+    a = (0.5 / critical_exposure(k, opts.voltage_kv)).astype(np.float32)
+    dose = float(opts.dose_per_frame_e_a2)
+    q = xp.exp(-a * np.float32(opts.pre_exposure_e_a2 + 0.5 * dose))
+    r = xp.exp(-a * np.float32(dose))
     ng = (n + g - 1) // g
-    return xp.stack([q[j * g:(j + 1) * g].mean(axis=0) for j in range(ng)]).astype(np.float32)
+    out = xp.empty((ng, *k.shape), dtype=np.float32)
+    for j in range(ng):
+        m = min(n, (j + 1) * g) - j * g
+        acc = q.copy()
+        for _ in range(m - 1):
+            q = q * r
+            acc += q
+        q = q * r
+        out[j] = acc / np.float32(m)
+    return out
 
 
 def _smooth(img, cycles: float):
