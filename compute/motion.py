@@ -294,6 +294,8 @@ def align_stack(F, shape: tuple[int, int], pixel_size_a: float, bfactor_a2: floa
                                  (shape[0] / cy, shape[1] / cx), r_full, taper, xp)
             shifts = shifts + delta
             shifts = shifts - shifts[..., 0:1, :]
+            # a frame whose peak was lost in noise must not wander beyond the search range
+            shifts = xp.clip(shifts, -max_shift_px, max_shift_px)
             if float(xp.abs(delta - delta.mean(axis=-2, keepdims=True)).max()) < 0.5:
                 break
         del Fc, selfc
@@ -574,8 +576,20 @@ def smooth_trajectory(shifts, lambdas=None, sigma=None, order: int = 3):
     D2 = np.diff(np.eye(n), 2, axis=0)
     out = np.empty_like(m)
     for a in range(m.shape[1]):
-        y = m[:, a]
-        w = wts[:, a]
+        y = m[:, a].copy()
+        w = wts[:, a].copy()
+        # outliers (a frame whose correlation peak was lost in noise) would pass through the
+        # relaxed penalty as "fast motion": compare with a running median, drop the frames
+        # far off it (weight 0, the smoother interpolates) before anything else
+        pad = np.pad(y, 2, mode="edge")
+        med = np.median(np.stack([pad[i:i + n] for i in range(5)]), axis=0)
+        dev = y - med
+        scale = 1.4826 * np.median(np.abs(dev - np.median(dev))) + 1e-6
+        bad = np.abs(dev) > 8.0 * scale + 1.0
+        bad[0] = False
+        if bad.any() and (~bad).sum() >= order + 3:
+            y[bad] = med[bad]
+            w[bad] = 0.0
         d3 = np.diff(y, 3)
         sigma_n = 1.4826 * np.median(np.abs(d3 - np.median(d3))) / np.sqrt(20.0) + 1e-9
         curv = np.abs(D2 @ y)  # second differences of the data mark the fast phase
@@ -633,8 +647,10 @@ def _spatial_basis(x, y, n_terms: int):
     return np.stack(terms[:n_terms], axis=-1)
 
 
-def _time_basis(n_frames: int):
-    t = np.arange(n_frames, dtype=np.float64) / max(n_frames - 1, 1)
+def _time_basis(n_frames: int, times=None):
+    """(t, t², t³) with t = frame / (n_frames - 1), at every frame or at (fractional) ``times``."""
+    f = np.arange(n_frames, dtype=np.float64) if times is None else np.asarray(times, float)
+    t = f / max(n_frames - 1, 1)
     return np.stack([t, t * t, t ** 3], axis=-1)  # zero at frame 0
 
 
@@ -669,8 +685,8 @@ class LocalMotionModel:
         return full
 
 
-def fit_local_motion(centres_px, residual_shifts_px, frame_shape: tuple[int, int]
-                     ) -> LocalMotionModel:
+def fit_local_motion(centres_px, residual_shifts_px, frame_shape: tuple[int, int],
+                     times=None, n_frames: int | None = None) -> LocalMotionModel:
     """Least-squares fit of :class:`LocalMotionModel` to patch residual shifts.
 
     Parameters
@@ -678,15 +694,20 @@ def fit_local_motion(centres_px, residual_shifts_px, frame_shape: tuple[int, int
     centres_px
         (P, 2) patch centres (y, x) in unbinned pixels.
     residual_shifts_px
-        (P, n, 2) measured patch displacements after global alignment (any per-patch offset).
+        (P, m, 2) measured patch displacements after global alignment (any per-patch offset),
+        at every frame (``m = n_frames``) or at the (fractional) frame ``times`` (m,) of
+        frame groups.
+    n_frames
+        Frames of the movie (default ``m``).
     """
     c = np.asarray(centres_px, dtype=np.float64)
     s = np.asarray(residual_shifts_px, dtype=np.float64)
     n_p, n_f, _ = s.shape
+    n_frames = int(n_frames or n_f)
     n_terms = 6 if n_p >= 9 else (3 if n_p >= 3 else 1)
     f = _spatial_basis(c[:, 1] / frame_shape[1] - 0.5, c[:, 0] / frame_shape[0] - 0.5, n_terms)
-    g = _time_basis(n_f)
-    # design (P, n, 3*n_terms); per-patch offsets projected out by centring over time
+    g = _time_basis(n_frames, times)
+    # design (P, m, 3*n_terms); per-patch offsets projected out by centring over time
     X = np.einsum("tm,pj->ptmj", g, f).reshape(n_p, n_f, -1)
     X = X - X.mean(axis=1, keepdims=True)
     Y = s - s.mean(axis=1, keepdims=True)
@@ -695,14 +716,19 @@ def fit_local_motion(centres_px, residual_shifts_px, frame_shape: tuple[int, int
     for a in range(2):
         sol, *_ = np.linalg.lstsq(A, Y[..., a].ravel(), rcond=None)
         coeffs[a] = sol.reshape(3, n_terms)
-    return LocalMotionModel(coeffs, tuple(frame_shape), n_f)
+    return LocalMotionModel(coeffs, tuple(frame_shape), n_frames)
 
 
-def local_model_significance(model: LocalMotionModel, centres_px, residual_shifts_px) -> float:
+def local_model_significance(model: LocalMotionModel, centres_px, residual_shifts_px,
+                             times=None) -> float:
     """F statistic of the local model against "no local motion" (per-patch offsets only)."""
     s = np.asarray(residual_shifts_px, dtype=np.float64)
     y = s - s.mean(axis=1, keepdims=True)
-    pred = np.stack([model.evaluate(centres_px, f) for f in range(s.shape[1])], axis=1)
+    g = _time_basis(model.n_frames, times if times is not None else np.arange(s.shape[1]))
+    f = _spatial_basis(np.asarray(centres_px)[:, 1] / model.frame_shape[1] - 0.5,
+                       np.asarray(centres_px)[:, 0] / model.frame_shape[0] - 0.5,
+                       model.coeffs.shape[-1])
+    pred = np.einsum("tm,amj,pj->pta", g, model.coeffs, f)
     pred = pred - pred.mean(axis=1, keepdims=True)
     rss0 = float((y ** 2).sum())
     rss1 = float(((y - pred) ** 2).sum())
@@ -711,6 +737,25 @@ def local_model_significance(model: LocalMotionModel, centres_px, residual_shift
     if dof <= 0 or rss1 <= 0:
         return float("inf")
     return ((rss0 - rss1) / p) / (rss1 / dof)
+
+
+def _fast_size_below(n: int) -> int:
+    """Largest even 2^a 3^b 5^c <= n (n >= 2)."""
+    for m in range(int(n) - int(n) % 2, 1, -2):
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+    return 2
+
+
+def _group_centres(group_size: int, n_frames: int) -> np.ndarray:
+    """Mean frame index of each consecutive group of ``group_size`` frames."""
+    ng = (n_frames + group_size - 1) // group_size
+    return np.array([(j * group_size + min(n_frames, (j + 1) * group_size) - 1) / 2.0
+                     for j in range(ng)])
 
 
 def _residual_field(model: LocalMotionModel, frame: int, shape: tuple[int, int],
@@ -822,6 +867,7 @@ class MotionOptions:
     align_max_res_a: float = 4.0
     ssnr_weighting: bool = False
     refine_rounds: int = 0
+    patch_group_frames: int = 0
     max_shift_px: float = 200.0
     n_iter: int = 10
     tolerance_px: float = 0.01
@@ -829,7 +875,7 @@ class MotionOptions:
     patch_min_size_px: int = 48
     flatfield_cycles: float | None = 4.0
     smooth_trajectory: bool = True
-    local_min_f: float = 4.0
+    local_min_f: float = 2.0
     lowcut_cycles: float = 2.0
 
 
@@ -1005,36 +1051,53 @@ def correct_motion(frames: FrameSource, opts: MotionOptions, gain=None, defect_m
     # ---- patch alignment -------------------------------------------------------------------
     local = centres = pshifts = None
     py, pxn = max(1, int(opts.patch_y)), max(1, int(opts.patch_x))
-    ph, pw = ash[0] // py, ash[1] // pxn
+    cellh, cellw = ash[0] // py, ash[1] // pxn
+    # patches of an FFT-friendly size (2^a 3^b 5^c) centred in their cells: 2048 // 5 = 409
+    # is prime, and its FFTs cost several times those of 400
+    ph, pw = _fast_size_below(cellh), _fast_size_below(cellw)
     if py * pxn > 1 and n >= 3 and min(ph, pw) * abin >= opts.patch_min_size_px and min(ph, pw) >= 16:
+        gp = int(opts.patch_group_frames) if opts.patch_group_frames else max(g, n // 10)
+        gp = max(1, min(gp, n // 3))
+        ngp = (n + gp - 1) // gp
         ky, kx = _freq_grids(ash, xp)
-        Fb = be.rfft2(binned - binned.mean(axis=(-2, -1), keepdims=True))
-        ey, ex = _phase_ramps(xp.asarray(shifts_a), ky, kx, xp)
-        aligned = be.irfft2(Fb * ey[:, :, None] * ex[:, None, :], s=ash).astype(np.float32)
-        del Fb
-        pt = aligned[:, : py * ph, : pxn * pw].reshape(n, py, ph, pxn, pw).transpose(1, 3, 0, 2, 4)
-        pt = pt.reshape(py * pxn, n, ph, pw)
-        if g > 1:
-            pt = xp.stack([pt[:, j * g:(j + 1) * g].sum(axis=1) for j in range(ng)], axis=1)
+        oy, ox = (cellh - ph) // 2, (cellw - pw) // 2
+        pt = xp.empty((py * pxn, ngp, ph, pw), dtype=np.float32)
+        for j in range(ngp):  # group sums of the globally aligned binned frames, cut to patches
+            Fb = be.rfft2(binned[j * gp:(j + 1) * gp] - binned[j * gp:(j + 1) * gp].mean(
+                axis=(-2, -1), keepdims=True))
+            ey, ex = _phase_ramps(xp.asarray(shifts_a[j * gp:(j + 1) * gp]), ky, kx, xp)
+            Fb *= ey[:, :, None]
+            Fb *= ex[:, None, :]
+            al = be.irfft2(Fb.sum(axis=0), s=ash).astype(np.float32)
+            for a_ in range(py):
+                for b_ in range(pxn):
+                    y0, x0 = a_ * cellh + oy, b_ * cellw + ox
+                    pt[a_ * pxn + b_, j] = al[y0:y0 + ph, x0:x0 + pw]
+        del Fb, al
         pprof = taper_profiles((ph, pw), 0.1)
         pt = (pt - pt.mean(axis=(-2, -1), keepdims=True)) * xp.asarray(
             pprof[0][:, None] * pprof[1][None, :])
         Fp = be.rfft2(pt).astype(np.complex64)
+        del pt
         if opts.dose_per_frame_e_a2:
-            Fp *= _group_dose_filter((ph, pw), px_align, opts, n, g, xp)[None]
-        pres = align_stack(Fp, (ph, pw), px_align, opts.bfactor_a2,
-                           max(4.0, 8.0 / abin), opts.n_iter, opts.tolerance_px, taper=pprof)
-        pres = interpolate_group_shifts(be.to_numpy(pres), g, n) * abin
-        cy = (np.arange(py) + 0.5) * ph * abin
-        cx = (np.arange(pxn) + 0.5) * pw * abin
+            Fp *= _group_dose_filter((ph, pw), px_align, opts, n, gp, xp)[None]
+        pres_g = align_stack(Fp, (ph, pw), px_align, opts.bfactor_a2,
+                             max(4.0, 8.0 / abin), opts.n_iter, opts.tolerance_px, taper=pprof)
+        pres_g = be.to_numpy(pres_g) * abin
+        tg = _group_centres(gp, n)
+        pres = interpolate_group_shifts(pres_g / abin, gp, n) * abin
+        cy = (np.arange(py) * cellh + oy + 0.5 * ph) * abin
+        cx = (np.arange(pxn) * cellw + ox + 0.5 * pw) * abin
         centres = np.stack(np.meshgrid(cy, cx, indexing="ij"), axis=-1).reshape(-1, 2)
-        local = fit_local_motion(centres, pres, shape)
-        if local_model_significance(local, centres, pres) < opts.local_min_f:
+        local = fit_local_motion(centres, pres_g, shape, times=tg, n_frames=n)
+        f_stat = local_model_significance(local, centres, pres_g, times=tg)
+        log.info("local motion model: F = %.2f (threshold %.2f)", f_stat, opts.local_min_f)
+        if f_stat < opts.local_min_f:
             # the patch shifts are mostly noise: a model fitted to them would only add it
             log.info("local motion model not significant; using whole-frame shifts only")
             local = None
         pshifts = shifts[None] + pres - pres[:, :1]
-        del Fp, aligned
+        del Fp
         note("patches")
 
     # ---- pass 2: full-size shifted sums with dose weighting ---------------------------------
