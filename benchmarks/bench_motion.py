@@ -18,6 +18,7 @@ Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_motion.py [--size 409
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from compute import fourier, motion
 
 
 def make_movie(size: int, frames: int, cache: Path, seed: int, local_px: float):
-    f = cache / f"movie_{size}_{frames}_{seed}_{local_px:g}.npz"
+    # v2: simulator with drift_px bounding the largest excursion and ice moving (2026-12)
+    f = cache / f"movie_v2_{size}_{frames}_{seed}_{local_px:g}.npz"
     if f.is_file():
         d = np.load(f)
         return {k: d[k] for k in d.files}
@@ -77,7 +79,8 @@ def main() -> None:
     res = motion.correct_motion(m["frames"], opts, gain=m["gain"])
     wall, cpu = time.monotonic() - t, time.process_time() - c
     r0, r1 = rms(res.shifts_px, m["shifts"])
-    print(f"\nA. {m['frames'].shape} drift only, max excursion {np.abs(m['shifts']).max():.1f} px")
+    print(f"\nA. {m['frames'].shape} drift only, max excursion "
+          f"{np.hypot(*m['shifts'].T).max():.1f} px; load average {os.getloadavg()[0]:.1f}")
     print(f"   whole-frame: wall {wall:.1f} s, CPU {cpu:.1f} s; trajectory RMS error "
           f"{r0:.3f} px (frame-0 gauge), {r1:.3f} px (best constant offset)")
     n = m["truth"].shape[0]
@@ -101,7 +104,9 @@ def main() -> None:
         f_plain = be.to_numpy(fourier.frc(res.non_weighted, m["truth"]))
         f_dw = be.to_numpy(fourier.frc(res.dose_weighted, m["truth"]))
         print(f"   {label:<14}{wall:8.1f}{cpu:8.1f}{rms(res.shifts_px, m['mean_disp'])[1]:18.3f}"
-              f"{f_dw[lo:hi].mean():14.3f}{f_dw[b8:hi].mean():12.3f}{f_plain[b8:hi].mean():15.3f}")
+              f"{f_dw[lo:hi].mean():14.3f}{f_dw[b8:hi].mean():12.3f}{f_plain[b8:hi].mean():15.3f}"
+              f"  local model {'kept' if res.local_model is not None else 'rejected'}, "
+              f"load {os.getloadavg()[0]:.1f}")
     print("\nanchor: RELION 4.0 own motioncorr 25 s for 4096² x 30 frames, 5x5 patches, "
           "0.03 px on this machine kind")
 
