@@ -1,10 +1,13 @@
 """Make the class ranker's training data, train it and validate it (the files side).
 
-Usage (the shipped weights were made exactly so; see ``resources/ranker/README.md``)::
+Usage (the candidate weights in ``resources/ranker/candidate`` were made so; exact
+commands, parts and times in ``resources/ranker/README.md``)::
 
-    python -m app.ranker_training generate --split train --jobs 110 --seed 1 --out DATA
+    python -m app.ranker_training generate --split train --jobs 300 --seed 1    --out DATA
+    python -m app.ranker_training generate --split dev   --jobs 16  --seed 4242 --out DATA
     python -m app.ranker_training generate --split val   --jobs 12  --seed 9001 --out DATA
-    python -m app.ranker_training train --data DATA --out resources/ranker
+    python -m app.ranker_training train --data DATA --out OUT --epochs 8 --modes features,full
+    python -m app.ranker_training train --data DATA --out OUT_IMG --epochs 8 --modes image
     python -m app.ranker_training evaluate --data DATA --weights resources/ranker
 
 ``generate`` simulates 2D-classification jobs with :mod:`compute.ranker.synth` (class

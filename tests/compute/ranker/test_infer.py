@@ -77,3 +77,26 @@ def test_gpu_scores_match_cpu(heldout_job):
     a = ClassRanker(ck, device="cpu").score(imgs, metas, cond.pixel_size_a, cond.diameter_a)
     b = ClassRanker(ck, device="gpu").score(imgs, metas, cond.pixel_size_a, cond.diameter_a)
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-3)
+
+
+CANDIDATE = WEIGHTS.parent / "candidate" / "ranker.pt"
+
+
+@pytest.mark.skipif(not CANDIDATE.is_file(), reason="no candidate weights")
+def test_candidate_weights_on_heldout_job(heldout_job):
+    """The candidate (trained with random molecules) scores the unseen molecule's good
+    classes near their targets and selects with few particle-level errors."""
+    cand = ClassRanker(torch.load(CANDIDATE, map_location="cpu", weights_only=True),
+                       device="cpu")
+    cond, (imgs, metas, truth) = heldout_job
+    r = cand.score(imgs, metas, cond.pixel_size_a, cond.diameter_a)
+    s = r.scores
+    good = np.array([t.good for t in truth]) & r.scored
+    junk = np.array([t.kind in ("empty", "ice", "carbon", "aggregate") for t in truth]) & r.scored
+    tgt = np.array([t.score for t in truth])
+    assert s[good].mean() > 0.6 and s[junk].mean() < 0.1
+    assert np.mean((s[r.scored] - tgt[r.scored]) ** 2) < 0.08
+    n = np.array([t.n_particles for t in truth])
+    sel = (s >= 0.15) & r.scored
+    assert n[sel & junk].sum() / n[junk].sum() <= 0.1
+    assert n[~sel & good].sum() / n[good].sum() <= 0.1
