@@ -72,7 +72,7 @@ class DemoConfig:
     defocus_um: tuple[float, float] = (1.0, 2.2)
     nr_classes: int = 12
     nr_iter_grad: int = 60
-    inimodel_iter: int = 60
+    inimodel_iter: int = 120
     min_particles_3d: int | None = None  # None: 1 (prep first) or ~half the truth (live)
     seed: int = 7
     stop_after: str = "refine3d"  # the last job wanted (tests may stop earlier)
