@@ -535,8 +535,9 @@ def _coarse_step(F, self_power, shifts, ky, kx, W, shape, scale, r: int, taper, 
     iy = xp.arange(-rc, rc + 1) % cy
     ix = xp.arange(-rc, rc + 1) % cx
     win = cc[..., iy, :][..., ix]
-    if taper is not None:
-        win = win / xp.asarray(_overlap_norm(be.to_numpy(shifts), taper, rc, (fy, fx)))
+    # no window-overlap normalisation here (``taper`` is unused): at large lags the overlap
+    # is small and dividing by it amplified noise into spurious peaks at the search edge
+    # (a 1024² movie locked at ±200 px); the fine stage, within a few pixels, removes the bias
     pk = _parabolic_peak(win, rc, xp)
     return pk * xp.asarray([fy, fx])
 
@@ -1081,8 +1082,10 @@ def correct_motion(frames: FrameSource, opts: MotionOptions, gain=None, defect_m
         del pt
         if opts.dose_per_frame_e_a2:
             Fp *= _group_dose_filter((ph, pw), px_align, opts, n, gp, xp)[None]
+        # patch shifts are noisy (0.3-1 px): iterating to 0.01 px only costs time
         pres_g = align_stack(Fp, (ph, pw), px_align, opts.bfactor_a2,
-                             max(4.0, 8.0 / abin), opts.n_iter, opts.tolerance_px, taper=pprof)
+                             max(4.0, 8.0 / abin), min(opts.n_iter, 5),
+                             max(opts.tolerance_px, 0.05), taper=pprof)
         pres_g = be.to_numpy(pres_g) * abin
         tg = _group_centres(gp, n)
         pres = interpolate_group_shifts(pres_g / abin, gp, n) * abin
