@@ -34,7 +34,7 @@ HAS_3D = all(importlib.util.find_spec(m) is not None
 def small_config(out: Path) -> DemoConfig:
     return DemoConfig(out=out, n_movies=8, shape=640, n_frames=4, pixel_size_a=2.0,
                       dose_per_frame_e_a2=10.0, particles_per_movie=45, nr_classes=4,
-                      nr_iter_grad=20, inimodel_iter=20, seed=3,
+                      nr_iter_grad=20, inimodel_iter=40, seed=3,
                       stop_after="refine3d" if HAS_3D else "select_parts",
                       progress=False)
 
@@ -130,11 +130,18 @@ def test_demo_resumes_and_is_right(demo):
     t = demo.truth
     assert t.get("resolution_fsc05_a") is not None, t
     # The issue's figure is FSC 0.5 vs the truth at 2 x Nyquist of the down-scaled particles
-    # (14.7 Å here). Measured: this ~300-particle run reaches 23-30 Å (two runs), the default
-    # 1,600-particle demo ~19 Å (its half-map FSC 0.143 says 10 Å): NOT met yet (see
-    # docs/demo.md). The test holds what is true now (a guard against regressions):
-    assert t["resolution_fsc05_a"] <= 2.2 * t["target_a"], t
+    # (14.7 Å here). The default 1,600-particle demo meets it (9.2 Å vs the truth, half-map
+    # 9.3 Å; docs/demo.md); this ~310-particle run is data-limited: measured 20.0 Å vs the
+    # truth with a 40-mini-batch initial model (half-map 14.0 Å), 21.9 Å with 20 (half-map
+    # 18.0 Å). Guard with room for seed variation:
+    assert t["resolution_fsc05_a"] <= 1.8 * t["target_a"], t
     assert t["refine3d"]["resolution_fsc05_a"] <= t["inimodel3d"]["resolution_fsc05_a"] + 1.0
+    # the refinement's own claim must agree with the truth: a map in a wrong basin (a drifted
+    # or hand-mixed initial model, issue 11) was self-consistent at 10 Å but 20 Å vs the truth
+    # (ratio 2); measured here 1.43 and 1.21
+    model = sorted((p / "Refine3D").glob("job*/run_model.star"))[-1]
+    half = float(read_star(model)["model_general"]["rlnCurrentResolution"].iloc[0])
+    assert t["resolution_fsc05_a"] <= 1.7 * half, (t["resolution_fsc05_a"], half)
 
 
 def test_align_maps_recovers_a_rotated_mirrored_map(rng):
