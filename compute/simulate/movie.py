@@ -99,16 +99,10 @@ def poisson_counts(lam, rng: np.random.Generator, dtype=np.uint16):
     return np.minimum(k, np.iinfo(dtype).max).astype(dtype).reshape(shape)
 
 
-def _shift_field(img, dy: float, dx: float, xp):
+def _shift_field(img, dy: float, dx: float):
     """``out(y, x) = img(y - dy, x - dx)`` by bilinear interpolation (edges held), for smooth
     fields that are not periodic (a Fourier shift would wrap them)."""
-    if xp is np:
-        from scipy import ndimage  # noqa: PLC0415
-
-        return ndimage.shift(img, (float(dy), float(dx)), order=1, mode="nearest")
-    from cupyx.scipy import ndimage as cnd  # noqa: PLC0415
-
-    return cnd.shift(img, (float(dy), float(dx)), order=1, mode="nearest")
+    return be.ndimage_of(img).shift(img, (float(dy), float(dx)), order=1, mode="nearest")
 
 
 def drift_trajectory(n_frames: int, rng: np.random.Generator, total_px: float = 10.0,
@@ -444,7 +438,7 @@ def simulate_movie(
             C *= bs
         else:  # the ice moves with the specimen, the illumination does not
             C *= (counts * illum * s_dev).astype(np.float32)
-            C *= _shift_field(ice, gy, gx, xp) if (gx or gy) else ice
+            C *= _shift_field(ice, gy, gx) if (gx or gy) else ice
         fr_counts = poisson_counts(C, noise_rng, dtype=dtype)
         if len(hot):
             fr_counts[xp.asarray(hot[:, 0]), xp.asarray(hot[:, 1])] = hot_level
