@@ -423,9 +423,11 @@ def ctf_done_stems(project: Path) -> set[str]:
 _ETA_RE = re.compile(r"(\d+)/(\d+) \((\d+)%\).*ETA (\d+):(\d\d):(\d\d)")
 
 #: nominal seconds of each stage for the default demo on an idle 2-core machine (ETA model)
-NOMINAL_S = {"simulate": 40.0, "importmovies": 3.0, "motioncorr": 40.0, "ctffind": 30.0,
-             "select_mics": 3.0, "autopick": 20.0, "extract": 10.0, "class2d": 90.0,
-             "select_parts": 8.0, "inimodel3d": 90.0, "refine3d": 120.0}
+#: (measured 2026-12: motioncorr done at ~0:57 incl. simulation, class2d 78 s, inimodel3d 118 s
+#: with 120 mini-batches, refine3d 130 s)
+NOMINAL_S = {"simulate": 40.0, "importmovies": 3.0, "motioncorr": 40.0, "ctffind": 15.0,
+             "select_mics": 3.0, "autopick": 20.0, "extract": 10.0, "class2d": 80.0,
+             "select_parts": 8.0, "inimodel3d": 120.0, "refine3d": 130.0}
 
 
 def job_progress(project: Path, job_dir: str) -> str:

@@ -156,7 +156,10 @@ def _section_acquisition(project: Path, session: Path | None) -> str:
         keys = ("software", "software_version", "n_movies", "n_grid_squares", "n_foil_holes",
                 "microscope", "voltage_kv", "cs_mm", "pixel_size_a", "detector", "n_frames",
                 "dose_per_frame_e_a2", "total_dose_e_a2", "exposure_time_s", "started_at")
-        parts.append(_table([(k, js.get(k)) for k in keys if k in js], ("metadata", "value")))
+        # None = the files do not hold it (EPU XML has no Cs, for instance): the operator
+        # confirms it below, so say that rather than "(unknown)"
+        parts.append(_table([(k, "not in the metadata" if js.get(k) is None else js.get(k))
+                             for k in keys if k in js], ("metadata", "value")))
     ds = project / "demo_settings.json"
     if ds.exists():
         js = json.loads(ds.read_text(encoding="utf-8"))

@@ -120,8 +120,12 @@ class JobContext:
     device: str = "cpu"
     input_nodes: list[tuple[str, str]] = field(default_factory=list)
     output_nodes: list[tuple[str, str]] = field(default_factory=list)
-    _t0: float = field(default_factory=time.monotonic)
+    _t0: float = field(default_factory=lambda: time.monotonic())
     _last_progress: float = 0.0
+    #: the current progress phase (its label) and its (time, done) samples for the ETA
+    _phase: str | None = None
+    _phase_samples: list[tuple[float, int]] = field(default_factory=list)
+    _last_call: float | None = None
 
     # -- options ----------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Any:
@@ -159,16 +163,47 @@ class JobContext:
         self.logger.warning(msg, *args)
 
     def progress(self, done: int, total: int, what: str = "", force: bool = False) -> None:
-        """Log ``what: done/total (pct) elapsed, ETA`` at most every 2 s (and at the end)."""
+        """Log ``what: done/total (pct) elapsed, ETA`` at most every 2 s (and at the end).
+
+        Each label (``what``) is a phase with its own clock: a new label (the next refinement
+        iteration, the final pass after the mini-batches) starts where the previous progress
+        call left off, so its ETA is not polluted by earlier phases. The ETA uses the *recent*
+        rate (the last third of the phase, at least 30 s) rather than the phase average, so
+        work that slows down as it goes (VDAM mini-batches at a rising resolution) is not
+        under-estimated as much.
+        """
         now = time.monotonic()
+        if what != self._phase:
+            start = self._last_call if self._last_call is not None else self._t0
+            self._phase = what
+            self._phase_samples = [(start, 0)]
+        self._last_call = now
+        samples = self._phase_samples
+        if done > samples[-1][1] and (now - samples[-1][0] >= 0.5 or done >= total):
+            samples.append((now, done))  # thinned: at most two samples a second
         if not force and done < total and now - self._last_progress < 2.0:
             return
         self._last_progress = now
         el = now - self._t0
-        eta = (el / done * (total - done)) if done > 0 else float("nan")
+        eta = self._eta(now, done, total)
         pct = 100.0 * done / total if total else 100.0
         self.logger.info("%s %d/%d (%.0f%%) elapsed %s, ETA %s", what or "progress", done, total,
                          pct, _hms(el), _hms(eta) if eta == eta else "?")
+
+    def _eta(self, now: float, done: int, total: int) -> float:
+        """Seconds left in the current phase from its recent rate (NaN before any progress)."""
+        samples = self._phase_samples
+        t_start, d_start = samples[0]
+        if done <= d_start:
+            return float("nan")
+        window = max(30.0, (now - t_start) / 3.0)
+        t_ref, d_ref = t_start, d_start
+        for t, d in samples:
+            if now - t <= window and d < done:
+                t_ref, d_ref = t, d
+                break
+        rate = (done - d_ref) / max(now - t_ref, 1e-9)
+        return max(total - done, 0) / rate
 
     def check_abort(self) -> None:
         """Raise :class:`JobAborted` if the user or the schemer asked this job to stop."""
