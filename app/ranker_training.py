@@ -290,11 +290,27 @@ def evaluate_predictions(pred: np.ndarray, data: dict[str, np.ndarray]) -> dict:
 # --- training --------------------------------------------------------------------------------
 
 def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str],
-          seed: int = 0, weight_power: float = 0.5) -> dict:
-    """Train the full model and the baselines; write the checkpoint and validation figures."""
+          seed: int = 0, weight_power: float = 0.5, recentre: bool = False,
+          init: Path | None = None, lr: float = 1e-3, relative: bool = False) -> dict:
+    """Train the full model and the baselines; write the checkpoint and validation figures.
+
+    ``recentre``: the stored network images of every split go through
+    :func:`compute.ranker.features.recentre_images` (and the checkpoint says so, so that
+    inference does the same). ``init``: a checkpoint whose full network is fine-tuned
+    (mode ``full`` only) instead of training from scratch. ``relative``: the intensity
+    features of every split are divided by their job's scale
+    (:func:`compute.ranker.features.relative_intensity`; the checkpoint says so). The
+    feature statistics are always fitted on the (transformed) training split.
+    """
     import torch
 
-    from compute.ranker.features import FeatureStats, normalise_features
+    from compute.ranker.features import (
+        PREPROCESS_KEY,
+        FeatureStats,
+        normalise_features,
+        recentre_images,
+        relative_intensity,
+    )
     from compute.ranker.train import TrainConfig, fit, predict
 
     tr = drop_broken_jobs(load_split(data_dir / "train.npz"))
@@ -306,6 +322,17 @@ def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str]
         else None
     dev = drop_broken_jobs(load_split(data_dir / "dev.npz")) if _has_split(data_dir, "dev") \
         else None
+    if recentre:
+        t0 = time.monotonic()
+        for d in (tr, va, dev, va2d):
+            if d is not None:
+                d["images"] = recentre_images(d["images"].astype(np.float32))
+        log.info("recentred the network images (%.0f s)", time.monotonic() - t0)
+    if relative:
+        for d in (tr, va, dev, va2d):
+            if d is not None:
+                d["features"] = relative_intensity(d["features"], d["job"])
+    init_ckpt = torch.load(init, map_location="cpu", weights_only=True) if init else None
     stats = FeatureStats.fit(tr["features"])
     Ztr = normalise_features(tr["features"], stats)
     Zva = normalise_features(va["features"], stats)
@@ -321,23 +348,27 @@ def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str]
                      "train_jobs": int(len(np.unique(tr["job"]))),
                      "val_jobs": int(len(np.unique(va["job"]))),
                      "dev_classes": 0 if dev is None else int(len(dev["target"])),
-                     "threshold": THRESHOLD, "models": {}}
+                     "threshold": THRESHOLD, "models": {}, "recentre": bool(recentre),
+                     "init": None if init is None else str(init), "lr": lr,
+                     "relative_intensity": bool(relative)}
     # big classes weigh more (the acceptance rates count particles), sqrt keeps small ones in
     wtr = np.maximum(tr["n_particles"], 1.0) ** weight_power
     wtr = (wtr / wtr.mean()).astype(np.float32)
     results["weight_power"] = weight_power
     out.mkdir(parents=True, exist_ok=True)
     for mode in modes:
-        cfg = TrainConfig(mode=mode, epochs=epochs, threads=threads, seed=seed,
+        cfg = TrainConfig(mode=mode, epochs=epochs, threads=threads, seed=seed, lr=lr,
                           drop_columns=DROP_COLUMNS, drop_prob=0.25,
                           select_best=dev is not None)
         t0 = time.monotonic()
-        model, hist = fit(Itr, Ztr, tr["target"], cfg, val=mon, weights=wtr)
+        start = init_ckpt["state_dict"] if (init_ckpt is not None and mode == "full") else None
+        model, hist = fit(Itr, Ztr, tr["target"], cfg, val=mon, weights=wtr, init_state=start)
         secs = time.monotonic() - t0
         ev = evaluate_predictions(predict(model, Iva, Zva), va)
         ev_tr = evaluate_predictions(predict(model, Itr, Ztr), tr)
         results["models"][mode] = {"val": ev, "train_mse": ev_tr["mse"], "seconds": secs,
-                                   "epochs": epochs, "history": hist}
+                                   "epochs": epochs, "history": hist,
+                                   "fine_tuned_from": None if start is None else str(init)}
         if dev is not None:
             results["models"][mode]["dev"] = evaluate_predictions(predict(model, *mon[:2]), dev)
         if mode != "image":
@@ -354,6 +385,8 @@ def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str]
         if mode == "full":
             ckpt = {"config": model.config(), "state_dict": model.state_dict(),
                     "feature_stats": stats.to_dict(),
+                    PREPROCESS_KEY: {"recentre": bool(recentre),
+                                     "relative_intensity": bool(relative)},
                     "info": {"threshold": THRESHOLD, "val_mse": ev["mse"], "val_fpr": ev["fpr"],
                              "val_fnr": ev["fnr"], "train_molecules": TRAIN_POOL,
                              "val_molecules": VAL_MOLECULES}}
@@ -396,13 +429,18 @@ def validation_table(results: dict) -> str:
 def evaluate(data_dir: Path, weights_dir: Path) -> dict:
     """Score the validation split with shipped weights (checks the checkpoint round trip)."""
     from app.jobs.rank_select import load_ranker
-    from compute.ranker.features import normalise_features
+    from compute.ranker.features import normalise_features, recentre_images, relative_intensity
     from compute.ranker.train import predict
 
     ranker = load_ranker(weights_dir / CHECKPOINT_NAME)
     va = load_split(data_dir / "val.npz")
-    Z = normalise_features(va["features"], ranker.stats)
-    return evaluate_predictions(predict(ranker.model, va["images"].astype(np.float32), Z), va)
+    X = relative_intensity(va["features"], va["job"]) if ranker.relative_intensity \
+        else va["features"]
+    Z = normalise_features(X, ranker.stats)
+    img = va["images"].astype(np.float32)
+    if ranker.recentre:
+        img = recentre_images(img)
+    return evaluate_predictions(predict(ranker.model, img, Z), va)
 
 
 # --- entry point ------------------------------------------------------------------------------
@@ -437,6 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--weight-power", type=float, default=0.5,
                    help="loss weight = particles**power (default 0.5)")
+    t.add_argument("--recentre", action="store_true",
+                   help="recentre the network images on their density (training and inference)")
+    t.add_argument("--init", type=Path, default=None,
+                   help="fine-tune the full network from this checkpoint (keeps its feature stats)")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    t.add_argument("--relative-intensity", action="store_true",
+                   help="intensity features relative to the job's scale (training and inference)")
     e = sub.add_parser("evaluate", help="validation figures of shipped weights")
     e.add_argument("--data", type=Path, required=True)
     e.add_argument("--weights", type=Path, required=True)
@@ -449,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         print(generate_class2d(args.split, args.jobs, args.seed, args.out, args.iter))
     elif args.cmd == "train":
         res = train(args.data, args.out, args.epochs, args.threads, args.modes.split(","),
-                    args.seed, args.weight_power)
+                    args.seed, args.weight_power, args.recentre, args.init, args.lr,
+                    args.relative_intensity)
         print(validation_table(res))
     else:
         ev = evaluate(args.data, args.weights)

@@ -69,6 +69,14 @@ Z_CLIP = 6.0
 LOG_FEATURES = ("acc_rot_deg", "acc_trans_a", "resolution_a", "weighted_resolution",
                 "relative_resolution")
 _LOG_IDX = np.array([FEATURE_NAMES.index(n) for n in LOG_FEATURES])
+#: image features proportional to the class average's intensity scale (means and standard
+#: deviations of pixel values); the rest are invariant to it
+INTENSITY_FEATURES = ("ring_mean", "ring_std", "protein_std", "solvent_mean", "solvent_std",
+                      "lp_mean", "lp_std", "lp_min", "lp_max")
+_INTENSITY_IDX = np.array([FEATURE_NAMES.index(n) for n in INTENSITY_FEATURES])
+#: the job's intensity scale for ``relative_intensity``: median of this feature over its
+#: scored classes
+INTENSITY_REFERENCE = "lp_std"
 
 
 def _log_columns(X: np.ndarray) -> np.ndarray:
@@ -102,13 +110,104 @@ def window_rescale(img: np.ndarray, window_px: float, out_size: int = IMAGE_SIZE
     return win.astype(np.float32, copy=True)
 
 
-def network_images(images: np.ndarray, pixel_size_a: float, diameter_a: float) -> np.ndarray:
-    """The (K, 64, 64) standardised network inputs of a stack of class averages (K, n, n)."""
+def _standardise(x: np.ndarray) -> np.ndarray:
+    mu = x.mean(axis=(-2, -1), keepdims=True)
+    sd = x.std(axis=(-2, -1), keepdims=True)
+    return ((x - mu) / np.maximum(sd, 1e-6)).astype(np.float32)
+
+
+def network_images(images: np.ndarray, pixel_size_a: float, diameter_a: float,
+                   recentre: bool = False) -> np.ndarray:
+    """The (K, 64, 64) standardised network inputs of a stack of class averages (K, n, n).
+
+    With ``recentre`` the standardised images go through :func:`recentre_images` (the
+    checkpoint says whether its network was trained so, see ``PREPROCESS_KEY``).
+    """
     imgs = np.asarray(images, dtype=np.float32)
-    out = window_rescale(imgs, diameter_a / pixel_size_a)
-    mu = out.mean(axis=(-2, -1), keepdims=True)
-    sd = out.std(axis=(-2, -1), keepdims=True)
-    return ((out - mu) / np.maximum(sd, 1e-6)).astype(np.float32)
+    out = _standardise(window_rescale(imgs, diameter_a / pixel_size_a))
+    return recentre_images(out) if recentre else out
+
+
+#: checkpoint key of the network-image preprocessing, e.g. ``{"recentre": True}``;
+#: checkpoints without it were trained on un-recentred images
+PREPROCESS_KEY = "preprocess"
+#: recentring: low-pass of the density estimate (Gaussian sigma, network pixels), radius of
+#: the second centre-of-mass pass (network pixels) and the largest shift applied (network
+#: pixels of the 64-px image = 1/8 of the particle diameter)
+RECENTRE_SIGMA_PX = 2.0
+RECENTRE_RADIUS_PX = 22.0
+RECENTRE_MAX_SHIFT_PX = 8.0
+
+
+def density_centres(net: np.ndarray) -> np.ndarray:
+    """(K, 2) centre (y, x) of the particle density of standardised network images, pixels
+    from the image centre.
+
+    Centre of mass of the positive part of a Gaussian low-pass (sigma
+    ``RECENTRE_SIGMA_PX``), then once more inside a circle of radius ``RECENTRE_RADIUS_PX``
+    around that first estimate, so that noise and density far from the particle (a
+    neighbour, a carbon edge) pull less. An image without positive density gives (0, 0).
+    """
+    x = np.asarray(net, dtype=np.float32)
+    K, n, _ = x.shape
+    lp = ndimage.gaussian_filter(x, (0, RECENTRE_SIGMA_PX, RECENTRE_SIGMA_PX), mode="constant")
+    w = np.clip(lp, 0.0, None).astype(np.float64)
+    yy, xx = np.mgrid[:n, :n].astype(np.float64) - n // 2
+    tot = w.sum(axis=(1, 2))
+    ok = tot > 0
+    safe = np.where(ok, tot, 1.0)
+    cy = np.where(ok, (w * yy).sum(axis=(1, 2)) / safe, 0.0)
+    cx = np.where(ok, (w * xx).sum(axis=(1, 2)) / safe, 0.0)
+    inside = ((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2
+              <= RECENTRE_RADIUS_PX ** 2)
+    w2 = w * inside
+    tot2 = w2.sum(axis=(1, 2))
+    ok2 = tot2 > 0
+    safe2 = np.where(ok2, tot2, 1.0)
+    cy = np.where(ok2, (w2 * yy).sum(axis=(1, 2)) / safe2, cy)
+    cx = np.where(ok2, (w2 * xx).sum(axis=(1, 2)) / safe2, cx)
+    return np.stack([cy, cx], axis=1)
+
+
+def fourier_shift_images(x: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Shift each image of ``x`` (K, n, n) by ``shifts`` (K, 2) (y, x) pixels, sub-pixel, by a
+    Fourier phase ramp on the image zero-padded to 2n (so nothing wraps around: pixels
+    shifted in from outside are 0)."""
+    x = np.asarray(x, dtype=np.float32)
+    K, n, _ = x.shape
+    m = 2 * n
+    pad = np.zeros((K, m, m), dtype=np.float32)
+    lo = n // 2
+    pad[:, lo:lo + n, lo:lo + n] = x
+    ky = np.fft.fftfreq(m)[:, None]
+    kx = np.fft.rfftfreq(m)[None, :]
+    sh = np.asarray(shifts, dtype=np.float64)
+    ramp = np.exp(-2j * np.pi * (ky[None] * sh[:, 0, None, None] + kx[None] * sh[:, 1, None, None]))
+    out = np.fft.irfft2(np.fft.rfft2(pad) * ramp.astype(np.complex64), s=(m, m))
+    return out[:, lo:lo + n, lo:lo + n].astype(np.float32)
+
+
+def recentre_images(net: np.ndarray, max_shift_px: float = RECENTRE_MAX_SHIFT_PX,
+                    chunk: int = 512) -> np.ndarray:
+    """Standardised network images moved so their density centre (:func:`density_centres`)
+    sits at the image centre, then standardised again.
+
+    A good class average that a classification left a few pixels off-centre then looks like
+    a centred one; the shift is clamped to ``max_shift_px`` (per axis), so a box that holds
+    only part of a particle (an off-centre pick) stays partial and visibly truncated: what
+    the window cut off is not brought back, the shifted-in pixels are 0 (the mean).
+    Idempotent up to interpolation; the same function is applied to the stored training
+    images and at inference.
+    """
+    x = np.asarray(net, dtype=np.float32)
+    if x.ndim != 3 or len(x) == 0:
+        return x.astype(np.float32, copy=True)
+    out = np.empty_like(x)
+    for b in range(0, len(x), chunk):
+        xb = x[b:b + chunk]
+        c = np.clip(density_centres(xb), -max_shift_px, max_shift_px)
+        out[b:b + chunk] = _standardise(fourier_shift_images(xb, -c))
+    return out
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -199,13 +298,37 @@ def meta_features(meta: ClassMeta, best_resolution_a: float | None) -> np.ndarra
     return np.array([acc_r, acc_t, nan if res is None else res, wres, rel], dtype=np.float64)
 
 
+def relative_intensity(X: np.ndarray, job: np.ndarray | None = None) -> np.ndarray:
+    """``INTENSITY_FEATURES`` divided by their job's intensity scale (the median
+    ``INTENSITY_REFERENCE`` over the job's rows), so they no longer depend on the units a
+    classification program writes its class averages in (or on how bright a data set's
+    particles are); the other features are unchanged.
+
+    ``X`` holds the raw features of scored classes (rows with ``nan`` are ignored for the
+    scale); ``job`` gives each row's job (default: all one job). A job whose scale is not
+    positive keeps its values.
+    """
+    Y = np.array(X, dtype=np.float64, copy=True)
+    jobs = np.zeros(len(Y), dtype=np.int64) if job is None else np.asarray(job)
+    ref = Y[:, FEATURE_NAMES.index(INTENSITY_REFERENCE)]
+    for j in np.unique(jobs):
+        m = jobs == j
+        r = ref[m]
+        r = r[np.isfinite(r)]
+        scale = float(np.median(r)) if r.size else 0.0
+        if scale > 1e-12:
+            Y[np.ix_(m, _INTENSITY_IDX)] /= scale
+    return Y
+
+
 def job_features(images: np.ndarray, metas: list[ClassMeta], pixel_size_a: float,
-                 diameter_a: float) -> tuple[np.ndarray, np.ndarray]:
+                 diameter_a: float, relative: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Raw feature matrix (K, N_FEATURES) of one job and the mask of scored classes.
 
     Classes with ``n_particles <= MIN_PARTICLES`` or a non-finite image are not scored;
     their rows are ``nan``. The job features are z-scored among the scored classes
-    (a job with one scored class gets 0).
+    (a job with one scored class gets 0). With ``relative`` the intensity features are
+    divided by the job's intensity scale (:func:`relative_intensity`).
     """
     imgs = np.asarray(images, dtype=np.float32)
     if imgs.ndim != 3 or imgs.shape[0] != len(metas):
@@ -225,6 +348,8 @@ def job_features(images: np.ndarray, metas: list[ClassMeta], pixel_size_a: float
         mu = J.mean(axis=0)
         sd = J.std(axis=0)
         X[scored, JOB_SLICE] = np.where(sd > 1e-12, (J - mu) / np.where(sd > 1e-12, sd, 1.0), 0.0)
+        if relative:
+            X[scored] = relative_intensity(X[scored])
     return X, scored
 
 

@@ -3,7 +3,11 @@
 CPU by default; the GPU when :func:`compute.backend.select_device` picks it (``auto``
 with a usable GPU, or ``SCOPESIDE_DEVICE=gpu``) and torch sees CUDA.
 The checkpoint is a plain dict (the app layer loads it from ``resources/ranker``):
-``{"config": RankerNet.config(), "state_dict": ..., "feature_stats": FeatureStats.to_dict()}``.
+``{"config": RankerNet.config(), "state_dict": ..., "feature_stats": FeatureStats.to_dict()}``
+and ``"preprocess": {"recentre": bool, "relative_intensity": bool}`` (network images
+recentred by :func:`compute.ranker.features.recentre_images`; intensity features divided
+by the job's scale, :func:`compute.ranker.features.relative_intensity`; absent = False,
+as for the older checkpoints).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from compute import backend
 from compute.errors import ComputeError
 from compute.ranker.features import (
+    PREPROCESS_KEY,
     ClassMeta,
     FeatureStats,
     job_features,
@@ -53,6 +58,9 @@ class ClassRanker:
             self.stats = FeatureStats.from_dict(checkpoint["feature_stats"])
             self.model = RankerNet(**cfg)
             self.model.load_state_dict(checkpoint["state_dict"])
+            pre = dict(checkpoint.get(PREPROCESS_KEY) or {})
+            self.recentre = bool(pre.get("recentre", False))
+            self.relative_intensity = bool(pre.get("relative_intensity", False))
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ComputeError(f"not a scopeside class-ranker checkpoint ({exc})") from None
         self.device = torch_device(device)
@@ -73,12 +81,14 @@ class ClassRanker:
             raise ComputeError(f"class ranker needs a positive pixel size, got {pixel_size_a}")
         if diameter_a is None or not diameter_a > 0:
             raise ComputeError(f"class ranker needs a positive particle diameter, got {diameter_a}")
-        X, scored = job_features(images, metas, pixel_size_a, diameter_a)
+        X, scored = job_features(images, metas, pixel_size_a, diameter_a,
+                                 relative=self.relative_intensity)
         Z = normalise_features(X, self.stats)
         scores = np.full(len(metas), UNSCORED)
         idx = np.flatnonzero(scored)
         if idx.size:
-            net = network_images(np.asarray(images)[idx], pixel_size_a, diameter_a)
+            net = network_images(np.asarray(images)[idx], pixel_size_a, diameter_a,
+                                 recentre=self.recentre)
             out = []
             with torch.inference_mode():  # small batches stay in cache: ~2x faster on CPU
                 for b in range(0, idx.size, batch):

@@ -85,8 +85,8 @@ def predict(model: RankerNet, images: np.ndarray, features: np.ndarray, batch: i
 def fit(images: np.ndarray, features: np.ndarray, targets: np.ndarray, cfg: TrainConfig,
         val: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
         weights: np.ndarray | None = None,
-        on_epoch: Callable[[int, float, float | None], None] | None = None
-        ) -> tuple[RankerNet, list[dict]]:
+        on_epoch: Callable[[int, float, float | None], None] | None = None,
+        init_state: dict | None = None) -> tuple[RankerNet, list[dict]]:
     """Fit a network by (weighted) MSE with AdamW and a one-cycle learning-rate schedule;
     images are augmented by :func:`_augment`.
 
@@ -98,6 +98,8 @@ def fit(images: np.ndarray, features: np.ndarray, targets: np.ndarray, cfg: Trai
     cfg : TrainConfig
     val : optional (images, features, targets) evaluated after every epoch.
     weights : optional per-sample loss weights.
+    init_state : optional ``state_dict`` of a network of the same mode to start from
+        (fine-tuning) instead of a random initialisation.
 
     Returns
     -------
@@ -110,6 +112,8 @@ def fit(images: np.ndarray, features: np.ndarray, targets: np.ndarray, cfg: Trai
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = RankerNet(mode=cfg.mode, n_features=features.shape[1])
+    if init_state is not None:
+        model.load_state_dict(init_state)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(targets)
     steps = cfg.epochs * max(1, int(np.ceil(n / cfg.batch_size)))

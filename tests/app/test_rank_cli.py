@@ -67,3 +67,62 @@ def test_select_job_runs_the_ranker(job, weights, monkeypatch):
     parts = read_star(out / "particles.star")["particles"]
     assert len(parts) >= 500
     rank_select.load_ranker.cache_clear()
+
+
+def _fake_split(path, n_jobs, rng, job0=0):
+    """A tiny labelled split in the ``generate`` format: bright centred blobs are good,
+    noise is bad; each job has its own intensity scale."""
+    from compute.ranker.features import JOB_SLICE
+
+    yy, xx = np.mgrid[0:64, 0:64] - 32
+    imgs, feats, tgt, job = [], [], [], []
+    for j in range(n_jobs):
+        gain = float(np.exp(rng.uniform(-1, 1)))
+        for k in range(12):
+            good = k % 2 == 0
+            sh = rng.integers(-4, 5, 2)
+            img = rng.normal(0, 0.3, (64, 64))
+            if good:
+                img += np.exp(-((yy - sh[0]) ** 2 + (xx - sh[1]) ** 2) / 60.0)
+            imgs.append((img - img.mean()) / img.std())
+            f = rng.normal(0, 1, N_FEATURES)
+            f[:5] = np.abs(f[:5]) + 1.0
+            f[5:JOB_SLICE.start] *= gain
+            feats.append(f)
+            tgt.append(0.9 if good else 0.0)
+            job.append(job0 + j)
+    n = len(tgt)
+    good = np.array(tgt) > 0.5
+    np.savez_compressed(path, images=np.array(imgs, np.float16), features=np.array(feats),
+                        scored=np.ones(n, bool), target=np.array(tgt),
+                        purity=np.where(good, 1.0, 0.0), frc=np.where(good, 0.9, 0.0),
+                        good=good, n_particles=np.full(n, 100.0), job=np.array(job),
+                        kind=np.where(good, "good", "empty"))
+
+
+def test_training_writes_preprocessing_and_fine_tunes(tmp_path):
+    """``train --recentre --relative-intensity`` records both in the checkpoint (so that
+    inference does the same), ``--init`` fine-tunes from a checkpoint, and ``evaluate``
+    of the result reproduces the training run's validation MSE."""
+    from app.ranker_training import evaluate, train
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    _fake_split(data / "train.npz", 6, rng)
+    _fake_split(data / "val.npz", 2, rng, job0=100)
+    res = train(data, tmp_path / "a", epochs=2, threads=1, modes=["full"], recentre=True,
+                relative=True, lr=3e-3)
+    ck = torch.load(tmp_path / "a" / "ranker.pt", map_location="cpu", weights_only=True)
+    assert ck["preprocess"] == {"recentre": True, "relative_intensity": True}
+    rank_select.load_ranker.cache_clear()
+    r = rank_select.load_ranker(tmp_path / "a" / "ranker.pt")
+    assert r.recentre and r.relative_intensity
+    ev = evaluate(data, tmp_path / "a")
+    assert ev["mse"] == pytest.approx(res["models"]["full"]["val"]["mse"], rel=1e-4)
+    res2 = train(data, tmp_path / "b", epochs=1, threads=1, modes=["full"], recentre=True,
+                 relative=True, init=tmp_path / "a" / "ranker.pt", lr=1e-8)
+    assert res2["models"]["full"]["fine_tuned_from"] == str(tmp_path / "a" / "ranker.pt")
+    # a (negligible-rate) fine-tune starts from the given weights, not from scratch
+    assert res2["models"]["full"]["val"]["mse"] == pytest.approx(
+        res["models"]["full"]["val"]["mse"], rel=1e-3)

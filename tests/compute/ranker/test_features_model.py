@@ -10,15 +10,18 @@ from compute.fourier import radius_grid
 from compute.ranker.features import (
     FEATURE_NAMES,
     IMAGE_FEATURES,
+    INTENSITY_FEATURES,
     JOB_SLICE,
     META_FEATURES,
     N_FEATURES,
     ClassMeta,
     FeatureStats,
+    density_centres,
     image_features,
     job_features,
     network_images,
     normalise_features,
+    relative_intensity,
 )
 from compute.ranker.model import RankerNet
 
@@ -99,6 +102,60 @@ def test_network_images_are_standardised_64px_windows(rng):
     assert abs(net.mean()) < 1e-4 and net.std() == pytest.approx(1.0, rel=1e-3)
     # the window is the particle diameter: the blob (8 px of 30 px radius) fills ~1/4 of it
     assert np.argmax(net[0].sum(axis=0)) in range(30, 34)
+
+
+def _particle(cy=0.0, cx=0.0):
+    """An asymmetric two-lobe particle (radius ~ 20 px of the 30 px mask radius)."""
+    return _blob(cy - 4, cx - 3, 6) + 0.7 * _blob(cy + 7, cx + 5, 4)
+
+
+def test_recentring_removes_a_small_centring_error(rng):
+    """A class average a few pixels off-centre gives (nearly) the network image of the
+    centred one; the density centre lands on the image centre."""
+    noise = rng.normal(0, 0.01, (BOX, BOX))
+    centred = network_images((_particle() + noise)[None].astype(np.float32), PX, DIAM)
+    # 3 and -2 box px = 6.4 and -4.3 network px (window 60 px -> 64 px)
+    off = network_images((_particle(3, -2) + noise)[None].astype(np.float32), PX, DIAM)
+    c0 = density_centres(centred)[0]
+    c1 = density_centres(off)[0]
+    assert np.allclose(c1 - c0, [3 * 64 / 60, -2 * 64 / 60], atol=0.4)
+    a = network_images((_particle() + noise)[None].astype(np.float32), PX, DIAM, recentre=True)
+    b = network_images((_particle(3, -2) + noise)[None].astype(np.float32), PX, DIAM,
+                       recentre=True)
+    assert np.abs(density_centres(a)[0]).max() < 0.3 and np.abs(density_centres(b)[0]).max() < 0.3
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98
+    assert np.corrcoef(centred.ravel(), off.ravel())[0, 1] < 0.9   # without: quite different
+    assert abs(b.mean()) < 1e-4 and b.std() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_recentring_keeps_an_off_centre_pick_partial():
+    """A particle half outside the window (an off-centre pick) is moved by at most
+    RECENTRE_MAX_SHIFT_PX and stays truncated: the cut-off half is not brought back."""
+    img = _blob(0, 26, 7)[None].astype(np.float32)   # centre 26 box px = 28 network px out
+    net = network_images(img, PX, DIAM, recentre=True)
+    c = density_centres(net)[0]
+    assert c[1] > 12                                  # still far off-centre
+    full = network_images(_blob(0, 0, 7)[None].astype(np.float32), PX, DIAM)
+    assert net[0].max() < 0.9 * full[0].max() or net[0][:, :20].std() < 0.2
+
+
+def test_relative_intensity_removes_the_job_scale(rng):
+    imgs = np.stack([_blob(sigma=s, amp=a) + rng.normal(0, 0.05, (BOX, BOX))
+                     for s, a in [(6, 1), (8, 2), (10, 0.5), (7, 1.5)]]).astype(np.float32)
+    metas = [ClassMeta(100, 2.0, 1.0, 12.0)] * 4
+    Xa, _ = job_features(imgs, metas, PX, DIAM, relative=True)
+    Xb, _ = job_features(7.0 * imgs, metas, PX, DIAM, relative=True)
+    np.testing.assert_allclose(Xa, Xb, rtol=1e-4, atol=1e-6)
+    raw_a, _ = job_features(imgs, metas, PX, DIAM)
+    raw_b, _ = job_features(7.0 * imgs, metas, PX, DIAM)
+    idx = [FEATURE_NAMES.index(n) for n in INTENSITY_FEATURES]
+    np.testing.assert_allclose(raw_b[:, idx], 7.0 * raw_a[:, idx], rtol=1e-4, atol=1e-6)
+    other = [i for i in range(N_FEATURES) if i not in idx]
+    np.testing.assert_allclose(Xa[:, other], raw_a[:, other], rtol=1e-9)
+    # the job's median lp_std becomes 1; several jobs at once = each job on its own
+    assert np.median(Xa[:, FEATURE_NAMES.index("lp_std")]) == pytest.approx(1.0)
+    two = relative_intensity(np.concatenate([raw_a, raw_b]), np.repeat([0, 1], 4))
+    np.testing.assert_allclose(two[:4], two[4:], rtol=1e-4, atol=1e-6)
 
 
 def test_feature_stats_round_trip():
