@@ -48,12 +48,26 @@ def run(src, params, label):
     t0 = time.perf_counter()
     c0 = time.process_time()
     clf.initialise()
+    # CPU seconds and particle visits per phase (cost per visit: VDAM vs EM)
+    phases: dict[str, list[float]] = {}
+    n_replaced = 0
     while not clf.done:
-        clf.step()
+        c1 = time.process_time()
+        info = clf.step()
+        ph = phases.setdefault(info.phase, [0.0, 0])
+        ph[0] += time.process_time() - c1
+        ph[1] += info.batch_size
+        n_replaced += len(info.replaced)
     if not params.use_em:
+        c1 = time.process_time()
         clf.final_pass()
+        phases["final pass"] = [time.process_time() - c1, clf.source.n_particles]
     wall = time.perf_counter() - t0
     clf.cpu_seconds = time.process_time() - c0
+    visits = sum(v[1] for v in phases.values())
+    print(f"  {label}: {visits} particle visits, {n_replaced} class replacements; CPU ms per "
+          "visit by phase: " + ", ".join(f"{k} {1000 * c / max(n, 1):.2f} ({n} visits)"
+                                        for k, (c, n) in phases.items()), flush=True)
     print(f"  {label}: {wall:.0f} s wall, {clf.cpu_seconds:.0f} s CPU (all threads; the "
           f"machine is shared, so CPU time is the figure to compare), "
           f"E-step {clf.estep_seconds:.0f} s wall "

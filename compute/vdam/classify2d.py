@@ -90,6 +90,7 @@ class Classify2DParams:
     do_ctf: bool = True                     # do_ctf_correction
     zero_mask: bool = True                  # do_zero_mask
     inactivity_threshold: float = 0.1       # class_inactivity_threshold (0 = off)
+    replacement: str = "split"              # "split" the biggest class / "copy" (RELION 4)
     seed: int = 1
     ini_resolution_a: float = 30.0          # resolution limit of the first E-steps
     resolution_increment_shells: int = 5
@@ -128,7 +129,7 @@ class Classify2D:
                              p.particle_diameter_a, do_ctf=p.do_ctf, zero_mask=p.zero_mask, xp=xp)
         self.n_shells = self.estep.n_shells
         self.optimiser = VdamOptimiser(self.estep.shell_index, self.n_shells,
-                                       constrain=self._mask_refs)
+                                       constrain=self._mask_refs, replacement=p.replacement)
         self.schedule = Schedule(n, ScheduleParams(n_iter=p.n_iter, tau_fudge=p.tau_fudge))
         self.n_total = p.n_iter_em if p.use_em else p.n_iter
         rng = np.random.default_rng([p.seed, 7])
@@ -314,7 +315,11 @@ class Classify2D:
         d = self.state.to_arrays()
         d.update({f"res_{k}": getattr(self.results, k) for k in self.results.__dataclass_fields__})
         pi, off = self.sampler.position()
+        last = np.full(self.params.n_classes, -1, dtype=np.int64)
+        for k, t in self.optimiser._last_replaced.items():
+            last[k] = t
         d.update(sampler=np.array([pi, off]), r_max=np.array(self.r_max), bad=self.bad,
+                 last_replaced=last,
                  halves=self.halves, estep_seconds=np.array(self.estep_seconds),
                  total_seconds=np.array(self.total_seconds))
         return d
@@ -329,6 +334,9 @@ class Classify2D:
         self.sampler = BatchSampler(self.source.n_particles, seed=self.params.seed,
                                     pass_index=pi, offset=off)
         self.r_max = float(d["r_max"])
+        if "last_replaced" in d:
+            self.optimiser._last_replaced = {int(k): int(t) for k, t in
+                                             enumerate(np.asarray(d["last_replaced"])) if t >= 0}
         self.bad = np.asarray(d["bad"]).astype(bool)
         self.halves = np.asarray(d["halves"])
         self.estep_seconds = float(d["estep_seconds"])

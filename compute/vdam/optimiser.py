@@ -150,7 +150,10 @@ class VdamOptimiser:
 
     def __init__(self, shell_index, n_shells: int, beta1: float = 0.9, beta2: float = 0.999,
                  eps2: float = 1.0, sigma2_memory: float = 0.3, class_memory: float = 0.2,
-                 constrain: Callable | None = None) -> None:
+                 constrain: Callable | None = None, replacement: str = "copy",
+                 replacement_cooldown: int = 10) -> None:
+        if replacement not in ("copy", "split"):
+            raise ValueError(f"replacement must be 'copy' or 'split', got {replacement!r}")
         self.shell_index = shell_index
         self.n_shells = int(n_shells)
         self.beta1 = beta1
@@ -159,6 +162,11 @@ class VdamOptimiser:
         self.sigma2_memory = sigma2_memory
         self.class_memory = class_memory
         self.constrain = constrain
+        self.replacement = replacement
+        self.replacement_cooldown = int(replacement_cooldown)
+        # mini-batch index of each class's last replacement (split mode; the 2D driver saves
+        # it with its checkpoints)
+        self._last_replaced: dict[int, int] = {}
 
     # -- helpers -----------------------------------------------------------------------------
     def _expand_weight(self, weight):
@@ -238,27 +246,80 @@ class VdamOptimiser:
         replaced: list[tuple[int, int]] = []
         new = v + delta
         if inactivity_threshold is not None and inactivity_threshold > 0 and K > 1:
-            a = int(np.argmin(state.class_frac))
-            mag = to_numpy(xp.sum(xp.abs(0.5 * (D1 + D2)) ** 2,
-                                  axis=tuple(range(1, v.ndim)))).astype(np.float64)
-            mag[a] = -1.0
-            b = int(np.argmax(mag))
-            if state.class_frac[a] < inactivity_threshold / K:
-                new[a] = v[b] + delta[b]
-                new[b] = v[b]
-                state.mom1[:, a] = state.mom1[:, b] + delta[b][None]
-                state.mom2[a] = state.mom2[b]
-                half = 0.5 * state.class_frac[b]
-                state.class_frac[a] = state.class_frac[b] = half
-                state.n_updates[a] = state.n_updates[b]
-                state.fsc[a] = state.fsc[b]
-                replaced.append((a, b))
+            if self.replacement == "split":
+                pair = self._split_replace(state, v, new, delta, fx, D1, D2, eta,
+                                           inactivity_threshold)
+                if pair is not None:
+                    replaced.append(pair)
+            else:
+                a = int(np.argmin(state.class_frac))
+                mag = to_numpy(xp.sum(xp.abs(0.5 * (D1 + D2)) ** 2,
+                                      axis=tuple(range(1, v.ndim)))).astype(np.float64)
+                mag[a] = -1.0
+                b = int(np.argmax(mag))
+                if state.class_frac[a] < inactivity_threshold / K:
+                    new[a] = v[b] + delta[b]
+                    new[b] = v[b]
+                    state.mom1[:, a] = state.mom1[:, b] + delta[b][None]
+                    state.mom2[a] = state.mom2[b]
+                    half = 0.5 * state.class_frac[b]
+                    state.class_frac[a] = state.class_frac[b] = half
+                    state.n_updates[a] = state.n_updates[b]
+                    state.fsc[a] = state.fsc[b]
+                    replaced.append((a, b))
         if self.constrain is not None:
             new = self.constrain(new)
         state.refs = new.astype(np.complex64)
         state.n_updates = state.n_updates + has.astype(np.int64)
         state.iteration += 1
         return replaced
+
+    def _split_replace(self, state: OptimiserState, v, new, delta, fx, D1, D2, eta,
+                       rho: float) -> tuple[int, int] | None:
+        """Split mode: the emptiest class a takes over one half of the biggest class b.
+
+        With the RELION-4 copy (a <- v_b + delta_b, b keeps v_b) the copy is b's *updated*
+        reference, so it wins every one of b's particles; b empties and is replaced next, and
+        the class that was emptied last stays empty. Here both are re-seeded symmetrically
+        from b's two half-set moments: a <- v_b + eta_b (f D_1 - (1 - f) v_b) with both of
+        a's moments set to b's half-1 moment, b <- v_b + eta_b (f D_2 - (1 - f) v_b) with both
+        moments set to b's half-2 moment. Neither is favoured, so b's particles divide
+        between the two (they differ by b's half-set disagreement, and drift apart where b
+        holds more than one kind of particle) and the class fractions are halved. Source b
+        is the largest class not replaced or split in the last ``replacement_cooldown``
+        mini-batches, and a is only replaced if it has not been re-seeded that recently.
+        """
+        K = state.n_classes
+        it = state.iteration
+        recent = {k for k, t in self._last_replaced.items()
+                  if it - t < self.replacement_cooldown}
+        cand_a = [k for k in range(K) if k not in recent]
+        if not cand_a:
+            return None
+        a = min(cand_a, key=lambda k: state.class_frac[k])
+        if state.class_frac[a] >= rho / K:
+            return None
+        cand_b = [k for k in range(K) if k != a and k not in recent]
+        if not cand_b:
+            return None
+        b = max(cand_b, key=lambda k: state.class_frac[k])
+        if state.class_frac[b] <= 2.0 * state.class_frac[a]:
+            return None
+        e = float(eta[b])
+        new[a] = v[b] + e * (fx[b] * D1[b] - (1.0 - fx[b]) * v[b])
+        new[b] = v[b] + e * (fx[b] * D2[b] - (1.0 - fx[b]) * v[b])
+        m1, m2 = state.mom1[0, b].copy(), state.mom1[1, b].copy()
+        state.mom1[0, a] = m1
+        state.mom1[1, a] = m1
+        state.mom1[0, b] = m2
+        state.mom1[1, b] = m2
+        state.mom2[a] = state.mom2[b]
+        half = 0.5 * state.class_frac[b]
+        state.class_frac[a] = state.class_frac[b] = half
+        state.n_updates[a] = state.n_updates[b]
+        state.fsc[a] = state.fsc[b]
+        self._last_replaced[a] = self._last_replaced[b] = it
+        return a, b
 
     # -- EM -----------------------------------------------------------------------------------
     def em_step(self, state: OptimiserState, acc: Accumulators, tau_fudge: float) -> None:

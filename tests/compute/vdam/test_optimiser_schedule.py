@@ -124,3 +124,55 @@ def test_blob_references_differ_and_fill_the_mask():
     assert (np.abs(c[np.triu_indices(4, 1)]) < 0.6).all()
     vol = blob_references(2, (24, 24, 24), 4.0, 80.0, rng=2)
     assert vol.shape == (2, 24, 24, 24) and np.isfinite(vol).all()
+
+
+def _three_class_state(K=4, seed=1):
+    rng, shell, target = _problem(K=K, seed=seed)
+    opt = VdamOptimiser(shell, 9, replacement="split", replacement_cooldown=5)
+    st = new_state(target.copy(), np.ones(9))
+    for _ in range(3):                          # give every class moments of its own
+        opt.vdam_step(st, _acc(st.refs, target, 2.0, rng, noise=5.0), 0.9, 1.0)
+    return rng, opt, st, target
+
+
+def test_split_replacement_divides_the_biggest_class_symmetrically():
+    rng, opt, st, target = _three_class_state()
+    st.class_frac = np.array([0.6, 0.3, 0.099, 0.001])
+    before = st.refs.copy()
+    acc = _acc(st.refs, target, 2.0, rng, noise=5.0)
+    acc.class_weight = np.array([[60.0, 30.0, 10.0, 0.0], [60.0, 30.0, 10.0, 0.0]])
+    replaced = opt.vdam_step(st, acc, 0.9, 1.0, inactivity_threshold=0.1)
+    assert replaced == [(3, 0)]                        # emptiest <- biggest (not the copy rule)
+    a, b = st.refs[3], st.refs[0]
+    # neither copy is favoured: both moved from b's old reference by the same amount, each
+    # towards its own half-set moment, and they differ (by b's half-set disagreement)
+    da = np.linalg.norm(a - before[0])
+    db = np.linalg.norm(b - before[0])
+    assert da == pytest.approx(db, rel=0.3)
+    assert np.linalg.norm(a - b) > 1e-3 * np.linalg.norm(b)
+    assert np.allclose(st.mom1[0, 3], st.mom1[1, 3]) and np.allclose(st.mom1[0, 0], st.mom1[1, 0])
+    assert st.class_frac[3] == pytest.approx(st.class_frac[0])
+    assert st.class_frac[0] < 0.35
+
+
+def test_split_replacement_protects_fresh_classes_from_churn():
+    rng, opt, st, target = _three_class_state()
+    pairs = []
+    for _ in range(12):
+        # class 3 never gets particles: it must not be re-seeded every batch, and the source
+        # of a split must not be the class that was just re-seeded
+        acc = _acc(st.refs, target, 2.0, rng, noise=5.0)
+        acc.class_weight = np.array([[60.0, 30.0, 10.0, 0.0], [60.0, 30.0, 10.0, 0.0]])
+        st.class_frac[3] = 1e-4
+        pairs += opt.vdam_step(st, acc, 0.9, 1.0, inactivity_threshold=0.1)
+    assert len(pairs) >= 2                                # it is replaced, not forgotten
+    assert all(b != 3 for _, b in pairs)
+    times_3 = [i for i, (a, _) in enumerate(pairs) if a == 3]
+    assert len(times_3) <= 3                              # cooldown of 5 over 12 batches
+
+
+def test_copy_replacement_stays_the_default_for_the_initial_model():
+    rng, shell, target = _problem(K=2)
+    assert VdamOptimiser(shell, 9).replacement == "copy"
+    with pytest.raises(ValueError):
+        VdamOptimiser(shell, 9, replacement="steal")
