@@ -205,6 +205,8 @@ def bench_standard(args):
                 psi_step_deg=args.psi, offset_range_px=5, offset_step_px=args.step, seed=1)
     rows = []
     for label, extra in (("VDAM", {}), ("VDAM no replacement", {"inactivity_threshold": 0.0}),
+                         ("VDAM no resolution cap", {"grad_ini_resol_a": None,
+                                                     "grad_fin_resol_a": None}),
                          ("EM", {"use_em": True, "n_iter_em": args.em_iters})):
         if label == "VDAM no replacement" and args.skip_noreplace:
             continue
@@ -327,7 +329,8 @@ def main():
     ap.add_argument("--step", type=float, default=2.0)
     ap.add_argument("--skip-noreplace", action="store_true")
     ap.add_argument("--runs", default="", help="standard set: comma list of runs to do "
-                    "(VDAM, VDAM no replacement, EM); default all")
+                    "(VDAM, VDAM no replacement, VDAM no resolution cap (E-step resolution "
+                    "from the FSC rule alone), EM); default all")
     ap.add_argument("--max-seconds", type=float, default=0.0,
                     help="memory set: stop the job after this long (the peak is reached early)")
     args = ap.parse_args()

@@ -91,6 +91,12 @@ class Classify2DParams:
     zero_mask: bool = True                  # do_zero_mask
     inactivity_threshold: float = 0.1       # class_inactivity_threshold (0 = off)
     replacement: str = "split"              # "split" the biggest class / "copy" (RELION 4)
+    # VDAM only: cap on the E-step resolution, grad_ini_resol in the initial phase, linear to
+    # grad_fin_resol over the middle phase, grad_fin_resol in the final phase and final pass
+    # (RELION 4's --grad_ini_resol / --grad_fin_resol, whose defaults are 35 / 15 A); None =
+    # the FSC rule alone
+    grad_ini_resol_a: float | None = 35.0
+    grad_fin_resol_a: float | None = 15.0
     seed: int = 1
     ini_resolution_a: float = 30.0          # resolution limit of the first E-steps
     resolution_increment_shells: int = 5
@@ -142,6 +148,9 @@ class Classify2D:
         self.sampler = BatchSampler(n, seed=p.seed)
         self.state: OptimiserState | None = None
         self.r_max = self._ini_rmax()
+        cap = self.resolution_cap_shell(0)
+        if cap is not None:
+            self.r_max = float(min(self.r_max, cap))
         self.estep_seconds = 0.0
         self.total_seconds = 0.0
 
@@ -205,11 +214,33 @@ class Classify2D:
         below = np.nonzero(curve[1:] < 0.5)[0]
         return int(below[0]) if len(below) else self.n_shells - 1
 
+    def resolution_cap_shell(self, iteration: int) -> float | None:
+        """VDAM's scheduled resolution cap (shells) for mini-batch ``iteration`` (or None)."""
+        p = self.params
+        if p.use_em or p.grad_ini_resol_a is None or p.grad_fin_resol_a is None:
+            return None
+        sch = self.schedule
+        it = min(int(iteration), p.n_iter - 1)
+        if it < sch.n_ini:
+            res = p.grad_ini_resol_a
+        elif it >= sch.n_ini + sch.n_mid:
+            res = p.grad_fin_resol_a
+        else:
+            x = (it - sch.n_ini) / max(1, sch.n_mid)
+            res = p.grad_ini_resol_a + (p.grad_fin_resol_a - p.grad_ini_resol_a) * x
+        return max(6.0, self.source.box * self.source.pixel_size_a / res)
+
     def _update_rmax(self) -> None:
+        cap = self.resolution_cap_shell(self.state.iteration)
         if self.state.iteration < 3:
+            if cap is not None:
+                self.r_max = float(min(self._ini_rmax(), cap))
             return
         r = self.resolution_shell() + self.params.resolution_increment_shells
-        self.r_max = float(min(self.source.box // 2, max(self._ini_rmax(), r)))
+        r = min(self.source.box // 2, max(self._ini_rmax(), r))
+        if cap is not None:
+            r = min(r, cap)
+        self.r_max = float(r)
 
     def class_resolution_a(self) -> np.ndarray:
         """Estimated resolution (A) per class from its regularised FSC (0.5 crossing)."""

@@ -145,3 +145,29 @@ def test_split_replacement_does_not_churn(data):
     _, _, copy_reps = _run_replacing(data, "copy")
     pairs = [frozenset((a, b)) for _, a, b in copy_reps]
     assert len(copy_reps) >= 8 and max(pairs.count(p) for p in set(pairs)) >= 8
+
+
+def test_vdam_resolution_cap_follows_the_schedule(data):
+    """The E-step resolution is capped at 35 A in the initial phase, 15 A in the final phase
+    and final pass, linearly in between (VDAM only; EM follows the FSC rule alone)."""
+    imgs, mol, _, ctf = data
+    src = ArraySource(imgs, 4.0, ctf)
+    clf = Classify2D(src, _params(n_iter=20, grad_ini_resol_a=60.0, grad_fin_resol_a=12.0))
+    box_a = 32 * 4.0
+    assert clf.resolution_cap_shell(0) == pytest.approx(max(6.0, box_a / 60.0))
+    assert clf.resolution_cap_shell(19) == pytest.approx(box_a / 12.0)
+    mid = [clf.resolution_cap_shell(i) for i in range(clf.schedule.n_ini,
+                                                      clf.schedule.n_ini + clf.schedule.n_mid)]
+    assert all(a <= b for a, b in zip(mid, mid[1:]))
+    clf.initialise()
+    used = []
+    while not clf.done:
+        info = clf.step()
+        used.append(info.r_max)
+        assert info.r_max <= clf.resolution_cap_shell(info.iteration - 1) + 1e-9
+    assert max(used) == pytest.approx(box_a / 12.0)       # the FSC rule alone goes higher
+    res = clf.final_pass()
+    assert clf.estep.r_max == pytest.approx(box_a / 12.0)
+    assert (_purity(res.class_index, mol) >= 0.9).all()
+    em = Classify2D(src, _params(use_em=True, n_iter_em=2))
+    assert em.resolution_cap_shell(0) is None
