@@ -12,7 +12,8 @@ local deformation, dose damage, Poisson counting, gain, hot/dead pixels):
   dose-weighted vs plain beyond 1/8 Å⁻¹.
 
 Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_motion.py [--size 4096]
-[--frames 40] [--threads 2]``. The simulated movie is cached under ``--cache``.
+[--frames 40] [--threads 2] [--seed 1] [--only a|b]``. The simulated movies are cached under
+``--cache``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,23 @@ def make_movie(size: int, frames: int, cache: Path, seed: int, local_px: float):
     return out
 
 
+def stage_clock():
+    """A ``progress`` callback recording the CPU seconds at each stage of correct_motion."""
+    marks: list[tuple[str, float]] = []
+
+    def note(stage: str) -> None:
+        marks.append((stage, time.process_time()))
+
+    def text(start: float) -> str:
+        out, prev = [], start
+        for stage, t in marks:
+            out.append(f"{stage} {t - prev:.1f}")
+            prev = t
+        return "CPU by stage: " + ", ".join(out)
+
+    return note, text
+
+
 def rms(est, true):
     err = est - true
     e2 = err - err.mean(0)
@@ -67,39 +85,59 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--local-px", dest="local_px", type=float, default=2.0)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/scopeside-bench"))
+    ap.add_argument("--only", choices=("a", "b"), default=None,
+                    help="run only movie A (seed; drift only) or only movie B (seed + 1)")
     a = ap.parse_args()
     be.set_workers(a.threads)
     print(f"FFT threads {a.threads}; CPU s = process CPU time (all threads), the fair figure "
           "on this shared machine; wall s depends on the others' load")
+    print(f"load average at start {os.getloadavg()[0]:.1f}")
+    if a.only != "b":
+        run_a(a)
+    if a.only != "a":
+        run_b(a)
+    print("\nanchor: RELION 4.0 own motioncorr 25 s for 4096² x 30 frames, 5x5 patches, "
+          "0.03 px on this machine kind")
+
+
+def run_a(a) -> None:
     # A: global drift only, for the trajectory error
     m = make_movie(a.size, a.frames, a.cache, a.seed, 0.0)
     px = float(m["px"])
     opts = motion.MotionOptions(pixel_size_a=px, dose_per_frame_e_a2=1.0, patch_x=1, patch_y=1)
+    note, stages = stage_clock()
     t, c = time.monotonic(), time.process_time()
-    res = motion.correct_motion(m["frames"], opts, gain=m["gain"])
+    res = motion.correct_motion(m["frames"], opts, gain=m["gain"], progress=note)
     wall, cpu = time.monotonic() - t, time.process_time() - c
     r0, r1 = rms(res.shifts_px, m["shifts"])
     print(f"\nA. {m['frames'].shape} drift only, max excursion "
           f"{np.hypot(*m['shifts'].T).max():.1f} px; load average {os.getloadavg()[0]:.1f}")
     print(f"   whole-frame: wall {wall:.1f} s, CPU {cpu:.1f} s; trajectory RMS error "
           f"{r0:.3f} px (frame-0 gauge), {r1:.3f} px (best constant offset)")
+    print(f"   {stages(c)}")
     n = m["truth"].shape[0]
-    lo, hi, b8 = int(n * px / 50), int(n * px / 4), int(n * px / 8)
+    hi, b8 = int(n * px / 4), int(n * px / 8)
     f_plain = be.to_numpy(fourier.frc(res.non_weighted, m["truth"]))
     f_dw = be.to_numpy(fourier.frc(res.dose_weighted, m["truth"]))
     print(f"   FRC to truth beyond 1/8 A^-1 (to 1/4): dose-weighted {f_dw[b8:hi].mean():.3f}, "
           f"plain {f_plain[b8:hi].mean():.3f}")
 
+
+def run_b(a) -> None:
     # B: with local deformation, whole-frame vs patches
     m = make_movie(a.size, a.frames, a.cache, a.seed + 1, a.local_px)
-    print(f"\nB. drift + local deformation ({a.local_px} px)")
+    px = float(m["px"])
+    n = m["truth"].shape[0]
+    lo, hi, b8 = int(n * px / 50), int(n * px / 4), int(n * px / 8)
+    print(f"\nB. {m['frames'].shape} drift + local deformation ({a.local_px} px)")
     print(f"   {'alignment':<14}{'wall s':>8}{'CPU s':>8}{'RMS vs mean disp':>18}"
           f"{'FRC 1/50-1/4':>14}{'FRC>1/8 DW':>12}{'FRC>1/8 plain':>15}")
     for label, patches in (("whole-frame", 1), ("5x5 patches", 5)):
         opts = motion.MotionOptions(pixel_size_a=px, dose_per_frame_e_a2=1.0,
                                     patch_x=patches, patch_y=patches)
+        note, stages = stage_clock()
         t, c = time.monotonic(), time.process_time()
-        res = motion.correct_motion(m["frames"], opts, gain=m["gain"])
+        res = motion.correct_motion(m["frames"], opts, gain=m["gain"], progress=note)
         wall, cpu = time.monotonic() - t, time.process_time() - c
         f_plain = be.to_numpy(fourier.frc(res.non_weighted, m["truth"]))
         f_dw = be.to_numpy(fourier.frc(res.dose_weighted, m["truth"]))
@@ -107,8 +145,7 @@ def main() -> None:
               f"{f_dw[lo:hi].mean():14.3f}{f_dw[b8:hi].mean():12.3f}{f_plain[b8:hi].mean():15.3f}"
               f"  local model {'kept' if res.local_model is not None else 'rejected'}, "
               f"load {os.getloadavg()[0]:.1f}")
-    print("\nanchor: RELION 4.0 own motioncorr 25 s for 4096² x 30 frames, 5x5 patches, "
-          "0.03 px on this machine kind")
+        print(f"     {stages(c)}")
 
 
 if __name__ == "__main__":

@@ -112,11 +112,13 @@ def fourier_bin(img, out_shape: tuple[int, int]):
     oy, ox = int(out_shape[0]), int(out_shape[1])
     if (oy, ox) == (ny, nx):
         return img.astype(np.float32, copy=False)
-    F = be.rfft2(img.astype(np.float32, copy=False))
+    # rows first, keeping only the columns that survive the crop, so the transform along y
+    # runs over half of them (10-25 % less than a full rfft2 at bin 2)
+    F = be.rfftn(img.astype(np.float32, copy=False), axes=(1,))[:, : ox // 2 + 1]
+    F = be.fftn(F, axes=(0,))
     top = (oy + 1) // 2
     bot = oy // 2
-    rows = xp.concatenate([F[:top], F[ny - bot:]], axis=0) if bot else F[:top]
-    Fc = rows[:, : ox // 2 + 1]
+    Fc = xp.concatenate([F[:top], F[ny - bot:]], axis=0) if bot else F[:top]
     return be.irfft2(Fc, s=(oy, ox)).astype(np.float32, copy=False)
 
 
