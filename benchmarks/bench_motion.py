@@ -143,8 +143,9 @@ def run_b(a) -> None:
         f_dw = be.to_numpy(fourier.frc(res.dose_weighted, m["truth"]))
         print(f"   {label:<14}{wall:8.1f}{cpu:8.1f}{rms(res.shifts_px, m['mean_disp'])[1]:18.3f}"
               f"{f_dw[lo:hi].mean():14.3f}{f_dw[b8:hi].mean():12.3f}{f_plain[b8:hi].mean():15.3f}"
-              f"  local model {'kept' if res.local_model is not None else 'rejected'}, "
-              f"load {os.getloadavg()[0]:.1f}")
+              + ("" if patches == 1 else
+                 f"  local model {'kept' if res.local_model is not None else 'rejected'},")
+              + f" load {os.getloadavg()[0]:.1f}")
         print(f"     {stages(c)}")
 
 
