@@ -1,13 +1,24 @@
 """Make the class ranker's training data, train it and validate it (the files side).
 
-Usage (the candidate weights in ``resources/ranker/candidate`` were made so; exact
-commands, parts and times in ``resources/ranker/README.md``)::
+Usage (the shipped weights in ``resources/ranker`` were made so; exact commands, parts,
+times and load in ``resources/ranker/README.md``)::
 
     python -m app.ranker_training generate --split train --jobs 300 --seed 1    --out DATA
     python -m app.ranker_training generate --split dev   --jobs 16  --seed 4242 --out DATA
     python -m app.ranker_training generate --split val   --jobs 12  --seed 9001 --out DATA
-    python -m app.ranker_training train --data DATA --out OUT --epochs 8 --modes features,full
-    python -m app.ranker_training train --data DATA --out OUT_IMG --epochs 8 --modes image
+    python -m app.ranker_training generate-class2d --split val --jobs 1 --seed 5 --iter 40 --out DATA
+    # stage 1: from scratch (the earlier candidate weights)
+    python -m app.ranker_training train --data DATA --out S1 --epochs 8 --modes features,full
+    # stage 2: recentred network images, job-relative intensity features (fine-tune)
+    python -m app.ranker_training train --data DATA --out S2 --epochs 3 --modes full \
+        --recentre --relative-intensity --init S1/ranker.pt --lr 5e-4
+    # stage 3: plus clean copies of half the training jobs (fine-tune) = shipped
+    python -m app.ranker_training train --data DATA --out OUT --epochs 2 --modes full \
+        --recentre --relative-intensity --clean-jobs 0.5 --init S2/ranker.pt --lr 3e-4
+    # baselines with the same inputs
+    python -m app.ranker_training train --data DATA --out F --epochs 8 --modes features \
+        --relative-intensity --clean-jobs 0.5
+    python -m app.ranker_training train --data DATA --out I --epochs 4 --modes image --recentre
     python -m app.ranker_training evaluate --data DATA --weights resources/ranker
 
 ``generate`` simulates 2D-classification jobs with :mod:`compute.ranker.synth` (class
@@ -257,6 +268,50 @@ def drop_broken_jobs(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v[keep] for k, v in data.items()}
 
 
+#: job ids of the clean copies made by :func:`clean_job_copies` are offset by this
+CLEAN_JOB_OFFSET = 1_000_000
+
+
+def clean_job_copies(data: dict[str, np.ndarray], fraction: float, seed: int = 0,
+                     junk_keep: float = 0.15) -> dict[str, np.ndarray]:
+    """``data`` plus copies of a random ``fraction`` of its jobs that keep only the
+    ground-truth good classes and about ``junk_keep`` of the others, with the job-relative
+    features (``JOB_SLICE``) z-scored again among the kept classes.
+
+    A curated data set (the demo's VDAM Class2D: 11 of 12 classes good) has mostly good
+    classes, while the simulated jobs mix many junk kinds; the job features of a good class
+    then look quite different (in a clean job the weakest good class sits at z = -2). The
+    stored job features are z-scores, and z-scoring a subset of z-scores gives the z-scores
+    of the raw subset, so the copies are exact. Jobs with fewer than 3 good classes are
+    not copied. Intensity scales (:func:`compute.ranker.features.relative_intensity`) are
+    per job id, so a copy gets its own.
+    """
+    from compute.ranker.features import JOB_SLICE
+
+    rng = np.random.default_rng(seed)
+    parts = []
+    for j in np.unique(data["job"]):
+        if rng.random() >= fraction:
+            continue
+        idx = np.flatnonzero(data["job"] == j)
+        good = data["good"][idx].astype(bool)
+        if good.sum() < 3:
+            continue
+        bad = idx[~good]
+        keep = np.concatenate([idx[good], bad[rng.random(bad.size) < junk_keep]])
+        part = {k: v[keep].copy() for k, v in data.items()}
+        J = part["features"][:, JOB_SLICE]
+        mu, sd = J.mean(axis=0), J.std(axis=0)
+        part["features"][:, JOB_SLICE] = np.where(
+            sd > 1e-12, (J - mu) / np.where(sd > 1e-12, sd, 1.0), 0.0)
+        part["job"] = part["job"] + CLEAN_JOB_OFFSET
+        parts.append(part)
+    if not parts:
+        return data
+    log.info("added %d clean job copies (%d classes)", len(parts), sum(len(p["job"]) for p in parts))
+    return {k: np.concatenate([data[k]] + [p[k] for p in parts]) for k in data}
+
+
 # --- metrics ---------------------------------------------------------------------------------
 
 def selection_rates(pred: np.ndarray, good: np.ndarray, n_particles: np.ndarray,
@@ -291,7 +346,8 @@ def evaluate_predictions(pred: np.ndarray, data: dict[str, np.ndarray]) -> dict:
 
 def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str],
           seed: int = 0, weight_power: float = 0.5, recentre: bool = False,
-          init: Path | None = None, lr: float = 1e-3, relative: bool = False) -> dict:
+          init: Path | None = None, lr: float = 1e-3, relative: bool = False,
+          clean_jobs: float = 0.0) -> dict:
     """Train the full model and the baselines; write the checkpoint and validation figures.
 
     ``recentre``: the stored network images of every split go through
@@ -301,6 +357,8 @@ def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str]
     features of every split are divided by their job's scale
     (:func:`compute.ranker.features.relative_intensity`; the checkpoint says so). The
     feature statistics are always fitted on the (transformed) training split.
+    ``clean_jobs``: add clean copies of this fraction of the training jobs
+    (:func:`clean_job_copies`).
     """
     import torch
 
@@ -314,6 +372,8 @@ def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str]
     from compute.ranker.train import TrainConfig, fit, predict
 
     tr = drop_broken_jobs(load_split(data_dir / "train.npz"))
+    if clean_jobs > 0:
+        tr = clean_job_copies(tr, clean_jobs, seed=seed)
     va = drop_broken_jobs(load_split(data_dir / "val.npz"))
     if (data_dir / "class2d_train.npz").is_file():  # real classifications, when made
         extra = load_split(data_dir / "class2d_train.npz")
@@ -350,7 +410,7 @@ def train(data_dir: Path, out: Path, epochs: int, threads: int, modes: list[str]
                      "dev_classes": 0 if dev is None else int(len(dev["target"])),
                      "threshold": THRESHOLD, "models": {}, "recentre": bool(recentre),
                      "init": None if init is None else str(init), "lr": lr,
-                     "relative_intensity": bool(relative)}
+                     "relative_intensity": bool(relative), "clean_jobs": clean_jobs}
     # big classes weigh more (the acceptance rates count particles), sqrt keeps small ones in
     wtr = np.maximum(tr["n_particles"], 1.0) ** weight_power
     wtr = (wtr / wtr.mean()).astype(np.float32)
@@ -480,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--init", type=Path, default=None,
                    help="fine-tune the full network from this checkpoint (keeps its feature stats)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    t.add_argument("--clean-jobs", type=float, default=0.0,
+                   help="add clean copies (good classes + ~15%% of the rest) of this fraction "
+                        "of the training jobs")
     t.add_argument("--relative-intensity", action="store_true",
                    help="intensity features relative to the job's scale (training and inference)")
     e = sub.add_parser("evaluate", help="validation figures of shipped weights")
@@ -495,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "train":
         res = train(args.data, args.out, args.epochs, args.threads, args.modes.split(","),
                     args.seed, args.weight_power, args.recentre, args.init, args.lr,
-                    args.relative_intensity)
+                    args.relative_intensity, args.clean_jobs)
         print(validation_table(res))
     else:
         ev = evaluate(args.data, args.weights)

@@ -37,13 +37,32 @@ def test_good_classes_outscore_junk(ranker, heldout_job):
     good = np.array([t.good for t in truth]) & r.scored
     junk = np.array([t.kind in ("empty", "ice", "carbon", "aggregate") for t in truth]) & r.scored
     assert good.sum() >= 4 and junk.sum() >= 4
-    # a molecule never seen in training (the shipped model under-scores unseen molecules in
-    # some conditions, see resources/ranker/README.md; this job is a typical one)
-    assert s[good].mean() > s[junk].mean() + 0.3
+    # a molecule never seen in training: good classes near their targets, junk near 0
+    tgt = np.array([t.score for t in truth])
+    assert s[good].mean() > 0.6 and s[junk].mean() < 0.1
+    assert np.mean((s[r.scored] - tgt[r.scored]) ** 2) < 0.08
     n = np.array([t.n_particles for t in truth])
     sel = (s >= 0.15) & r.scored
-    assert n[sel & junk].sum() / n[junk].sum() <= 0.25
-    assert n[~sel & good].sum() / n[good].sum() <= 0.25
+    assert n[sel & junk].sum() / n[junk].sum() <= 0.1
+    assert n[~sel & good].sum() / n[good].sum() <= 0.1
+
+
+def test_scores_ignore_small_centring_errors_and_the_intensity_scale(ranker, heldout_job):
+    """The shipped weights recentre the network image and use job-relative intensity
+    features: good class averages moved 2-3 px off the box centre (as a classification
+    leaves them) or a job written in other intensity units keep their scores."""
+    assert ranker.recentre and ranker.relative_intensity
+    cond, (imgs, metas, truth) = heldout_job
+    base = ranker.score(imgs, metas, cond.pixel_size_a, cond.diameter_a)
+    good = np.array([t.good for t in truth]) & base.scored
+    rng = np.random.default_rng(5)
+    moved = np.stack([np.roll(im, tuple(rng.choice([-3, -2, 2, 3], 2)), axis=(0, 1))
+                      for im in imgs])
+    s_moved = ranker.score(moved, metas, cond.pixel_size_a, cond.diameter_a).scores
+    assert np.abs(s_moved[good] - base.scores[good]).mean() < 0.05
+    assert ((s_moved[good] >= 0.15) == (base.scores[good] >= 0.15)).mean() >= 0.9
+    s_bright = ranker.score(6.0 * imgs, metas, cond.pixel_size_a, cond.diameter_a).scores
+    np.testing.assert_allclose(s_bright[base.scored], base.scores[base.scored], atol=2e-3)
 
 
 def test_unscored_classes_and_unknown_metadata(ranker, heldout_job):
@@ -77,26 +96,3 @@ def test_gpu_scores_match_cpu(heldout_job):
     a = ClassRanker(ck, device="cpu").score(imgs, metas, cond.pixel_size_a, cond.diameter_a)
     b = ClassRanker(ck, device="gpu").score(imgs, metas, cond.pixel_size_a, cond.diameter_a)
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-3)
-
-
-CANDIDATE = WEIGHTS.parent / "candidate" / "ranker.pt"
-
-
-@pytest.mark.skipif(not CANDIDATE.is_file(), reason="no candidate weights")
-def test_candidate_weights_on_heldout_job(heldout_job):
-    """The candidate (trained with random molecules) scores the unseen molecule's good
-    classes near their targets and selects with few particle-level errors."""
-    cand = ClassRanker(torch.load(CANDIDATE, map_location="cpu", weights_only=True),
-                       device="cpu")
-    cond, (imgs, metas, truth) = heldout_job
-    r = cand.score(imgs, metas, cond.pixel_size_a, cond.diameter_a)
-    s = r.scores
-    good = np.array([t.good for t in truth]) & r.scored
-    junk = np.array([t.kind in ("empty", "ice", "carbon", "aggregate") for t in truth]) & r.scored
-    tgt = np.array([t.score for t in truth])
-    assert s[good].mean() > 0.6 and s[junk].mean() < 0.1
-    assert np.mean((s[r.scored] - tgt[r.scored]) ** 2) < 0.08
-    n = np.array([t.n_particles for t in truth])
-    sel = (s >= 0.15) & r.scored
-    assert n[sel & junk].sum() / n[junk].sum() <= 0.1
-    assert n[~sel & good].sum() / n[good].sum() <= 0.1

@@ -66,12 +66,16 @@ def test_class_sizes_sum_and_tiny_classes():
     assert s.sum() <= 50000 and (s >= 0).all() and (s <= 10).sum() >= 3
 
 
-def test_fit_learns_a_feature_rule():
-    rng = np.random.default_rng(0)
-    n = 400
+def _feature_rule_data(n: int, seed: int):
+    """Blank images, random features, target a sigmoid of the first feature."""
+    rng = np.random.default_rng(seed)
     F = rng.normal(size=(n, 25)).astype(np.float32)
     y = (1 / (1 + np.exp(-2 * F[:, 0]))).astype(np.float32)
-    imgs = np.zeros((n, 64, 64), dtype=np.float32)
+    return np.zeros((n, 64, 64), dtype=np.float32), F, y
+
+
+def test_fit_learns_a_feature_rule():
+    imgs, F, y = _feature_rule_data(400, 0)
     cfg = TrainConfig(mode="features", epochs=30, batch_size=32, lr=3e-3, threads=1)
     model, hist = fit(imgs[:300], F[:300], y[:300], cfg, val=(imgs[300:], F[300:], y[300:]))
     assert hist[-1]["val_mse"] < 0.2 * float(np.var(y[300:]))
@@ -80,11 +84,7 @@ def test_fit_learns_a_feature_rule():
 
 
 def test_fit_keeps_the_best_dev_epoch():
-    rng = np.random.default_rng(1)
-    n = 200
-    F = rng.normal(size=(n, 25)).astype(np.float32)
-    y = (1 / (1 + np.exp(-2 * F[:, 0]))).astype(np.float32)
-    imgs = np.zeros((n, 64, 64), dtype=np.float32)
+    imgs, F, y = _feature_rule_data(200, 1)
     cfg = TrainConfig(mode="features", epochs=6, batch_size=32, lr=3e-3, threads=1,
                       select_best=True)
     model, hist = fit(imgs[:150], F[:150], y[:150], cfg, val=(imgs[150:], F[150:], y[150:]))
