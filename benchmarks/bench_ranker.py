@@ -1,7 +1,7 @@
 """Class-ranker acceptance figures with the shipped weights (plain script, prints tables).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_ranker.py [--jobs 6] [--seed 777]
-        [--weights resources/ranker/candidate/ranker.pt]   # default: resources/ranker/ranker.pt
+        [--weights OTHER.pt]   # default: resources/ranker/ranker.pt
 
 1. Speed: scoring 200 classes (box 128) with :class:`compute.ranker.infer.ClassRanker`
    on the CPU (features + network), best of 3.

@@ -126,3 +126,29 @@ def test_training_writes_preprocessing_and_fine_tunes(tmp_path):
     # a (negligible-rate) fine-tune starts from the given weights, not from scratch
     assert res2["models"]["full"]["val"]["mse"] == pytest.approx(
         res["models"]["full"]["val"]["mse"], rel=1e-3)
+
+
+def test_clean_job_copies_keep_good_classes_and_rescore_job_features():
+    from app.ranker_training import CLEAN_JOB_OFFSET, clean_job_copies
+    from compute.ranker.features import JOB_SLICE
+
+    rng = np.random.default_rng(3)
+    n = 40
+    X = rng.normal(size=(n, N_FEATURES))
+    data = {"features": X, "good": np.arange(n) % 4 == 0, "job": np.repeat([0, 1], n // 2),
+            "target": rng.random(n), "n_particles": np.full(n, 50.0)}
+    out = clean_job_copies(data, fraction=1.0, seed=0, junk_keep=0.0)
+    np.testing.assert_array_equal(out["features"][:n], X)          # originals untouched
+    copy = out["job"] >= CLEAN_JOB_OFFSET
+    assert out["good"][copy].all() and copy.sum() == data["good"].sum()
+    for j in (0, 1):
+        m = out["job"] == j + CLEAN_JOB_OFFSET
+        J = out["features"][m][:, JOB_SLICE]
+        np.testing.assert_allclose(J.mean(axis=0), 0, atol=1e-9)
+        np.testing.assert_allclose(J.std(axis=0), 1, atol=1e-9)
+        # z-scoring the stored z-scores = z-scoring the raw subset: same order
+        raw = X[(data["job"] == j) & data["good"]][:, JOB_SLICE]
+        np.testing.assert_array_equal(np.argsort(J[:, 0]), np.argsort(raw[:, 0]))
+        # the other features are copied unchanged
+        np.testing.assert_array_equal(out["features"][m][:, :JOB_SLICE.start],
+                                      X[(data["job"] == j) & data["good"]][:, :JOB_SLICE.start])
