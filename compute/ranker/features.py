@@ -16,6 +16,12 @@ diameter ``d`` Å, ``d_px = d / p``):
   ``r … 1.25 r`` remains inside the window. Intensities keep the class average's own
   units (particle-normalised, so comparable across jobs).
 
+Two optional steps, recorded in the checkpoint (``PREPROCESS_KEY``) because a network is
+trained with or without them: :func:`recentre_images` moves the network image's density
+centre to the image centre (sub-pixel Fourier shift, clamped to ``RECENTRE_MAX_SHIFT_PX``),
+and :func:`relative_intensity` divides the ``INTENSITY_FEATURES`` by the job's median
+``lp_std`` (so the units a classification program writes do not matter).
+
 Masks on the feature image: the *circle* (radius ``r``); the *protein* region, the pixels
 of the 25 Å low-passed image inside the circle above an Otsu threshold; the *solvent*,
 the rest of the circle; the *ring*, ``r < radius ≤ 1.25 r``.
