@@ -95,6 +95,9 @@ class Classify2DParams:
     # grad_fin_resol over the middle phase, grad_fin_resol in the final phase and final pass
     # (RELION 4's --grad_ini_resol / --grad_fin_resol, whose defaults are 35 / 15 A); None =
     # the FSC rule alone
+    # VDAM only: EM iterations over all particles after the mini-batches, before the final
+    # pass (RELION 4's --grad_em_iters, default 0)
+    grad_em_iters: int = 0
     grad_ini_resol_a: float | None = 35.0
     grad_fin_resol_a: float | None = 15.0
     seed: int = 1
@@ -137,7 +140,7 @@ class Classify2D:
         self.optimiser = VdamOptimiser(self.estep.shell_index, self.n_shells,
                                        constrain=self._mask_refs, replacement=p.replacement)
         self.schedule = Schedule(n, ScheduleParams(n_iter=p.n_iter, tau_fudge=p.tau_fudge))
-        self.n_total = p.n_iter_em if p.use_em else p.n_iter
+        self.n_total = p.n_iter_em if p.use_em else p.n_iter + max(0, int(p.grad_em_iters))
         rng = np.random.default_rng([p.seed, 7])
         self.halves = (rng.permutation(n) % 2 + 1).astype(np.int64)
         self.results = ParticleResults(
@@ -278,7 +281,7 @@ class Classify2D:
             raise ComputeError("initialise() or restore() first")
         t0 = time.perf_counter()
         e0 = self.estep_seconds
-        if self.params.use_em:
+        if self.params.use_em or self.state.iteration >= self.params.n_iter:
             info = self._em_iteration()
         else:
             info = self._vdam_batch()

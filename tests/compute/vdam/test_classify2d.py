@@ -171,3 +171,20 @@ def test_vdam_resolution_cap_follows_the_schedule(data):
     assert (_purity(res.class_index, mol) >= 0.9).all()
     em = Classify2D(src, _params(use_em=True, n_iter_em=2))
     assert em.resolution_cap_shell(0) is None
+
+
+def test_vdam_can_finish_with_em_iterations(data):
+    """grad_em_iters: EM passes over all particles after the mini-batches (RELION's
+    --grad_em_iters); the classes stay pure and every particle is visited by each."""
+    imgs, mol, _, ctf = data
+    clf = Classify2D(ArraySource(imgs, 4.0, ctf), _params(n_iter=16, grad_em_iters=2))
+    assert clf.n_total == 18
+    clf.initialise()
+    phases = []
+    while not clf.done:
+        info = clf.step()
+        phases.append((info.phase, info.batch_size))
+    assert phases[-2:] == [("em", len(imgs)), ("em", len(imgs))]
+    assert all(ph != "em" for ph, _ in phases[:-2])
+    res = clf.final_pass()
+    assert (_purity(res.class_index, mol) >= 0.9).all()
