@@ -986,7 +986,7 @@ class MotionOptions:
     align_max_size: int = 2048
     align_max_res_a: float = 4.0
     align_fourier_bin: bool = True
-    ssnr_weighting: bool = False
+    ssnr_weighting: bool = True
     refine_rounds: int = 0
     patch_group_frames: int = 0
     max_shift_px: float = 200.0

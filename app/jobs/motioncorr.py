@@ -160,7 +160,9 @@ class MotionCorrJob(Job):
         Option("do_save_ps", "Yes", "bool", "write the power spectrum for CTF estimation"),
         Option("group_for_ps", "4", "float", "dose per power-spectrum group (accepted; the "
                "spectrum is taken from the aligned plain sum)"),
-        Option("bfactor", "150", "float", "B-factor of the alignment weighting (Å²)"),
+        Option("bfactor", "150", "float",
+               "B-factor of the patch alignment weighting (Å²); the whole-frame alignment "
+               "weights by the data's own spectral SNR"),
         Option("group_frames", "1", "int", "frames summed together for alignment"),
         Option("bin_factor", "1", "float", "output binning (Fourier crop), 2 for super-res"),
         Option("fn_gain_ref", "", "path", "gain reference (multiplied into the frames)"),
