@@ -81,6 +81,14 @@ def bench_inimodel(a) -> None:
         t_batches = time.perf_counter() - t0
         best = int(np.argmax(im.state.class_frac))
         vol = im.class_volume(best)
+        if a.save:
+            import mrcfile
+            os.makedirs(a.save, exist_ok=True)
+            for name, m in ((f"{a.mol}_s{seed}_model.mrc", vol),
+                            (f"{a.mol}_truth.mrc", density_map(molecule(a.mol), a.box, px))):
+                with mrcfile.new(os.path.join(a.save, name), overwrite=True) as f:
+                    f.set_data(np.asarray(m, dtype=np.float32))
+                    f.voxel_size = px
         err = float("nan")
         if a.sym != "C1":
             P, _ = find_symmetry_placement(vol, a.sym)
@@ -142,6 +150,8 @@ def main() -> None:
     ap.add_argument("--ini-high", type=float, default=30.0)
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--save", default="", help="folder for each seed's maps (MRC): the model "
+                    "as found, and the truth")
     a = ap.parse_args()
     (bench_inimodel if a.what == "inimodel" else bench_refine)(a)
 
