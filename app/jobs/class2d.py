@@ -101,6 +101,8 @@ class Class2DJob(Job):
         Option("offset_step", "1", "float", "offset search step (pixels)"),
         Option("do_ctf_correction", "Yes", "bool", "use the CTFs"),
         Option("do_zero_mask", "Yes", "bool", "zeros outside the mask (else noise)"),
+        Option("allow_coarser", "No", "bool",
+               "coarser psi/offset steps while the resolution is low (faster, can be less pure)"),
         Option("gpu_ids", "", "str", "GPU to use (empty: CPU unless SCOPESIDE_DEVICE says)"),
         Option("use_gpu", "No", "bool", "run on a GPU"),
         Option("class_inactivity_threshold", "0.1", "float",
@@ -130,6 +132,7 @@ class Class2DJob(Job):
             offset_range_px=float(ctx.get("offset_range", 5.0)),
             offset_step_px=float(ctx.get("offset_step", 1.0)),
             do_ctf=need_ctf, zero_mask=bool(ctx.get("do_zero_mask", True)),
+            coarse_sampling=bool(ctx.get("allow_coarser", False)),
             inactivity_threshold=float(ctx.get("class_inactivity_threshold", 0.1) or 0.0),
             seed=int(ctx.get("random_seed", 1)))
         if params.psi_step_deg <= 0 or params.offset_step_px <= 0 or params.offset_range_px < 0:

@@ -77,6 +77,32 @@ class Sampling2D:
         keep = xx**2 + yy**2 <= self.offset_range_px**2 + 1e-6
         return np.stack([xx[keep], yy[keep]], axis=1)
 
+    def for_resolution(self, resolution_a: float, particle_diameter_a: float,
+                       pixel_size_a: float) -> Sampling2D:
+        """The grid the E-step needs at ``resolution_a``: never finer than this one.
+
+        In-plane step: the arc it sweeps at the particle's radius equals the resolution,
+        ``dpsi = resolution / radius`` (the rule of RELION's auto-sampling, angular step =
+        360 * resolution / (pi * diameter)); offset step: a third of the resolution, so the
+        largest error on the grid (half a diagonal, 0.24 of the resolution) stays below a
+        quarter period of the highest frequency used. The number of angles is rounded up to
+        an even one (psi and psi + 180 deg are evaluated together). At 35 A for a 160 A
+        particle at 4 A/px: 25 deg needed, 22.5 deg (16 angles), and 2.9 px offset steps; at
+        15 A: 10.7 deg and 1.25 px (the user's grid is then kept).
+        """
+        radius = 0.5 * float(particle_diameter_a)
+        if not (resolution_a > 0 and radius > 0):
+            return self
+        n_user = len(self.psi_deg())
+        need_deg = np.rad2deg(resolution_a / radius)
+        n = int(np.ceil(360.0 / need_deg - 1e-6))
+        n = min(n_user, max(2, n + n % 2))          # even: psi and psi + 180 pair up
+        psi = 360.0 / n if n < n_user else self.psi_step_deg
+        off = max(float(self.offset_step_px), resolution_a / (3.0 * pixel_size_a))
+        # never coarser than the range itself (keep at least the centre and the 4 neighbours)
+        off = min(off, max(float(self.offset_step_px), float(self.offset_range_px)))
+        return Sampling2D(psi, self.offset_range_px, off)
+
 
 @dataclass
 class CtfBatch:
@@ -181,6 +207,9 @@ class Estep2D:
         self.xp = xp
         self.pad = 2
         self.chunk_floats = int(chunk_floats)
+        self.particle_diameter_a = float(particle_diameter_a)
+        #: evaluate psi and psi + 180 together (exact; needs an even number of angles)
+        self.pair_psi = True
         n = self.box
         self.fourier_shape = (n, n // 2 + 1)
         self.n_shells = n // 2 + 1
@@ -191,6 +220,9 @@ class Estep2D:
         self.gridding = xp.asarray(sinc2_correction(n, self.pad))
         self.psi = sampling.psi_deg()
         self.offsets = sampling.offsets_px()
+        #: the grid of the current sample set (``sampling`` or a coarser one, see
+        #: :meth:`set_resolution`)
+        self.current_sampling = sampling
         self.r_max: float | None = None
         #: seconds spent per part of :meth:`run` (for profiling and the benchmark)
         self.timings: dict[str, float] = {}
@@ -206,14 +238,24 @@ class Estep2D:
         return be.fftshift(be.irfft2(fourier, s=(n, n)), axes=(-2, -1)).astype(np.float32)
 
     # -- sample set ------------------------------------------------------------------------------
-    def set_resolution(self, r_max_shell: float) -> None:
-        """Use Fourier components up to ``r_max_shell`` (pixels in the box's Fourier grid)."""
+    def set_resolution(self, r_max_shell: float, sampling: Sampling2D | None = None) -> None:
+        """Use Fourier components up to ``r_max_shell`` (pixels in the box's Fourier grid).
+
+        ``sampling`` replaces the in-plane angles and translations searched from now on
+        (default: the one given at construction), e.g. the coarser grid
+        :meth:`Sampling2D.for_resolution` allows at a low resolution limit.
+        """
         xp = self.xp
         n = self.box
         r_max = float(min(max(r_max_shell, 2.0), n // 2))
-        if self.r_max == r_max:
+        sampling = self.sampling if sampling is None else sampling
+        if self.r_max == r_max and sampling == self.current_sampling:
             return
         self.r_max = r_max
+        if sampling != self.current_sampling:
+            self.current_sampling = sampling
+            self.psi = sampling.psi_deg()
+            self.offsets = sampling.offsets_px()
         fy = np.fft.fftfreq(n) * n
         fx = np.fft.rfftfreq(n) * n
         FY, FX = np.meshgrid(fy, fx, indexing="ij")
@@ -233,10 +275,18 @@ class Estep2D:
         # mult/sigma2 already carries the Friedel weight: undo it for a plain per-shell mean
         self._shell_avg = xp.asarray(onehot / self._mult_for_avg(ix, n)[:, None])
         self.n_f = len(fxs)
-        # bilinear read positions on the padded full grid for every psi: A^T f, in padded units
+        self._read_idx, self._read_w, self._read_mat = self._read_structures(self.psi, fxs, fys)
+        self._ramp = self._ramps(self.offsets, fxs, fys)
+        self._kx = fxs / (n * self.pixel_size_a)
+        self._ky = fys / (n * self.pixel_size_a)
+
+    def _read_structures(self, psi_deg, fxs, fys):
+        """Bilinear read of A^T f on the padded full grid for every psi: (R, F, 4) indices and
+        weights, and on the CPU the same read as one sparse matrix (R*F, m*m)."""
+        xp = self.xp
         p = self.pad
-        m = p * n
-        ang = np.deg2rad(self.psi)[:, None]
+        m = p * self.box
+        ang = np.deg2rad(psi_deg)[:, None]
         c, s = np.cos(ang), np.sin(ang)
         qx = (c * fxs[None] - s * fys[None]) * p
         qy = (s * fxs[None] + c * fys[None]) * p
@@ -249,21 +299,33 @@ class Estep2D:
                            (1, 0, wy * (1 - wx)), (1, 1, wy * wx)):
             idx.append(((y0 + dy) % m) * m + (x0 + dx) % m)
             w.append(ww)
-        self._read_idx = xp.asarray(np.stack(idx, -1))             # (R, F, 4)
-        self._read_w = xp.asarray(np.stack(w, -1).astype(np.float32))
-        self._read_mat = None
-        if xp is np:  # CPU: the bilinear read as one sparse matrix (R*F, m*m)
+        read_idx = xp.asarray(np.stack(idx, -1))             # (R, F, 4)
+        read_w = xp.asarray(np.stack(w, -1).astype(np.float32))
+        read_mat = None
+        if xp is np:
             import scipy.sparse as sp
 
-            nrow = self._read_idx.shape[0] * self._read_idx.shape[1]
-            self._read_mat = sp.csr_matrix(
-                (self._read_w.ravel(), (np.repeat(np.arange(nrow), 4), self._read_idx.ravel())),
-                shape=(nrow, m * m))
-        # phase ramps for the translations: exp(-2 pi i f.t / n), (T, F)
-        ph = -2.0 * np.pi * (np.outer(self.offsets[:, 0], fxs) + np.outer(self.offsets[:, 1], fys)) / n
-        self._ramp = xp.asarray(np.exp(1j * ph).astype(np.complex64))
-        self._kx = fxs / (n * self.pixel_size_a)
-        self._ky = fys / (n * self.pixel_size_a)
+            nrow = read_idx.shape[0] * read_idx.shape[1]
+            rows = np.repeat(np.arange(nrow), 4)
+            flat_idx, flat_w = read_idx.ravel(), read_w.ravel()
+            full = sp.csr_matrix((flat_w, (rows, flat_idx)), shape=(nrow, m * m))
+            # the same read from the half-plane (rfft2) transform: a position with x > m/2
+            # reads the complex conjugate of its Friedel mate, so the real and imaginary
+            # parts get their own matrix (same pattern, signs differ)
+            h = m // 2 + 1
+            qy, qx = flat_idx // m, flat_idx % m
+            conj = qx > m // 2
+            hidx = np.where(conj, ((-qy) % m) * h + (m - qx) % m, qy * h + qx)
+            half_re = sp.csr_matrix((flat_w, (rows, hidx)), shape=(nrow, m * h))
+            half_im = sp.csr_matrix((np.where(conj, -flat_w, flat_w), (rows, hidx)),
+                                    shape=(nrow, m * h))
+            read_mat = (full, half_re, half_im)
+        return read_idx, read_w, read_mat
+
+    def _ramps(self, offsets, fxs, fys):
+        """Phase ramps for the translations: exp(-2 pi i f.t / n), (T, F) complex64."""
+        ph = -2.0 * np.pi * (np.outer(offsets[:, 0], fxs) + np.outer(offsets[:, 1], fys)) / self.box
+        return self.xp.asarray(np.exp(1j * ph).astype(np.complex64))
 
     @staticmethod
     def _mult_for_avg(ix, n):
@@ -292,31 +354,47 @@ class Estep2D:
         return self.xp.asarray(ctf_on_samples(ctf, self._kx, self._ky))
 
     # -- references ---------------------------------------------------------------------------------
-    def _padded_transforms(self, refs_fourier):
-        """Gridding-corrected, 2x zero-padded full-plane transforms of the references, (K, m*m)."""
+    def _wrap_index(self):
+        """Rows/columns of the 2x padded, origin-at-0 grid that hold the n x n box."""
+        n, m = self.box, self.box * self.pad
+        return np.concatenate([np.arange(n // 2), np.arange(m - n // 2, m)])
+
+    def _padded_transforms(self, refs_fourier, half: bool = False):
+        """Gridding-corrected, 2x zero-padded transforms of the references: full plane
+        (K, m*m), or with ``half`` the rfft2 half plane (K, m*(m//2+1))."""
         xp = self.xp
         n, p = self.box, self.pad
         m = n * p
-        real = self.to_real(refs_fourier) / self.gridding
-        padded = xp.zeros((real.shape[0], m, m), dtype=np.float32)
-        o = (m - n) // 2
-        padded[:, o:o + n, o:o + n] = real
-        P = be.fft2(be.ifftshift(padded, axes=(-2, -1))).astype(np.complex64)
-        return P.reshape(real.shape[0], m * m)
+        k = refs_fourier.shape[0]
+        # the box image with its centre at index 0 (as the references' phase origin), divided
+        # by the gridding correction, placed into the origin-at-0 padded grid by wrapping
+        x = be.irfft2(refs_fourier, s=(n, n)) / be.ifftshift(self.gridding)
+        u = xp.asarray(self._wrap_index())
+        padded = xp.zeros((k, m, m), dtype=np.float32)
+        padded[:, u[:, None], u[None, :]] = x
+        if half:
+            return be.rfft2(padded).astype(np.complex64).reshape(k, m * (m // 2 + 1))
+        return be.fft2(padded).astype(np.complex64).reshape(k, m * m)
 
     def project(self, refs_fourier):
         """Rotated references on the sample set: (K, R, F) complex64."""
-        P = self._padded_transforms(refs_fourier)
+        P = self._padded_transforms(refs_fourier, half=self._read_mat is not None)
+        return self._read(P, self._read_idx, self._read_w, self._read_mat)
+
+    def _read(self, P, read_idx, read_w, read_mat):
+        """Bilinear read of the padded transforms -> (K, R, F) complex64 (on the CPU from
+        the half plane (K, m*(m//2+1)), else from the full plane (K, m*m))."""
         k = P.shape[0]
-        R, F = self._read_idx.shape[:2]
-        if self._read_mat is not None:
-            both = np.concatenate([P.real.T, P.imag.T], axis=1)                    # (m*m, 2K)
-            out = np.asarray(self._read_mat @ both, dtype=np.float32)              # (R*F, 2K)
-            W = out[:, :k] + 1j * out[:, k:]
-            return np.ascontiguousarray(W.T.reshape(k, R, F)).astype(np.complex64)
+        R, F = read_idx.shape[:2]
+        if read_mat is not None:
+            _, half_re, half_im = read_mat
+            W = np.empty((R * F, k), dtype=np.complex64)
+            W.real = half_re @ np.ascontiguousarray(P.real.T)                      # (R*F, K)
+            W.imag = half_im @ np.ascontiguousarray(P.imag.T)
+            return np.ascontiguousarray(W.T.reshape(k, R, F))
         out = self.xp.empty((k, R, F), dtype=np.complex64)
         for j in range(R):
-            out[:, j] = (P[:, self._read_idx[j]] * self._read_w[j]).sum(-1)
+            out[:, j] = (P[:, read_idx[j]] * read_w[j]).sum(-1)
         return out
 
     def backproject(self, sums):
@@ -336,7 +414,7 @@ class Estep2D:
         if self._read_mat is not None:
             flat = vals.reshape(k, -1).T                                          # (R*F, K)
             both = np.concatenate([flat.real, flat.imag], axis=1).astype(np.float32)
-            g = np.asarray(self._read_mat.T @ both)                               # (m*m, 2K)
+            g = np.asarray(self._read_mat[0].T @ both)                            # (m*m, 2K)
             grid = (g[:, :k] + 1j * g[:, k:]).T.reshape(k, m, m)
         else:
             base = (xp.arange(k) * (m * m))[:, None, None, None]
@@ -345,10 +423,18 @@ class Estep2D:
             re = xp.bincount(idx, weights=wv.real.astype(np.float64), minlength=k * m * m)
             im = xp.bincount(idx, weights=wv.imag.astype(np.float64), minlength=k * m * m)
             grid = (re + 1j * im).reshape(k, m, m)
-        img = 2.0 * be.fftshift(be.ifftn(grid, axes=(-2, -1)).real, axes=(-2, -1))
-        o = (m - n) // 2
-        img = img[:, o:o + n, o:o + n] / self.gridding * float(p * p)
-        return self.to_fourier(img.astype(np.float32)).astype(np.complex64)
+        # twice the real part of the inverse transform = the inverse real transform of twice
+        # the Hermitian part g(q) + conj(g(-q)) (half plane)
+        h = m // 2 + 1
+        ry = xp.asarray((-np.arange(m)) % m)
+        rx = xp.asarray((-np.arange(h)) % m)
+        herm = grid[:, :, :h] + xp.conj(grid[:, ry[:, None], rx[None, :]])
+        img = be.irfft2(herm, s=(m, m))
+        # the n x n box around the origin (wrapped), gridding-corrected, back to the box's
+        # transform (its centre is the phase origin, as to_fourier's)
+        u = xp.asarray(self._wrap_index())
+        img = img[:, u[:, None], u[None, :]] / be.ifftshift(self.gridding) * float(p * p)
+        return be.rfft2(img.astype(np.float32)).astype(np.complex64)
 
     # -- the E-step -------------------------------------------------------------------------------
     def run(self, refs_fourier, X, ctf: CtfBatch, sigma2, log_prior, halves,
@@ -392,8 +478,18 @@ class Estep2D:
         tick = _Ticker(self.timings)
         W = self.project(refs_fourier)                                              # (K, R, F)
         # sigma2 folded into the references: cross = sum Re(conj(W) Y) mult / sigma2
-        Wr = (xp.concatenate([W.real, W.imag], axis=-1)
-              * xp.concatenate([inv_s2, inv_s2])).reshape(K * R, 2 * F)          # (KR, 2F)
+        # psi and psi + 180 deg read the references at f and -f: W(psi + 180) = conj W(psi)
+        # exactly (real images, symmetric bilinear weights), so with the cross term split as
+        # A + B (A = Re W Re Y, B = Im W Im Y, over sigma2) the pair is A + B and A - B: two
+        # products of half the width over half the angles, half the work of one
+        paired = self.pair_psi and R % 2 == 0
+        if paired:
+            R2 = R // 2
+            Wre = (W.real[:, :R2] * inv_s2).reshape(K * R2, F)
+            Wim = (W.imag[:, :R2] * inv_s2).reshape(K * R2, F)
+        else:
+            Wr = (xp.concatenate([W.real, W.imag], axis=-1)
+                  * xp.concatenate([inv_s2, inv_s2])).reshape(K * R, 2 * F)      # (KR, 2F)
         W2 = (W.real**2 + W.imag**2).reshape(K * R, F)
         ctfv = self.ctf_values(ctf)                                                 # (B, F)
         Xs = X.reshape(B, -1)[:, xp.asarray(self._flat)]                            # (B, F)
@@ -401,9 +497,10 @@ class Estep2D:
             prior = np.zeros((B, 2))
         else:
             prior = np.asarray(prior_offsets_px, dtype=np.float64).reshape(B, 2)
-        # particle-specific phase ramp for the prior origin
-        pph = -2.0 * np.pi * (np.outer(prior[:, 0], self._fx) + np.outer(prior[:, 1], self._fy)) / n
-        Xs = Xs * xp.asarray(np.exp(1j * pph).astype(np.complex64))
+        if prior.any():
+            # particle-specific phase ramp for the prior origin
+            pph = -2.0 * np.pi * (np.outer(prior[:, 0], self._fx) + np.outer(prior[:, 1], self._fy)) / n
+            Xs = Xs * xp.asarray(np.exp(1j * pph).astype(np.complex64))
         lp = xp.asarray(log_prior, dtype=np.float32)
         lp_cols = xp.repeat(lp, R)                                                   # (KR,)
         halves = np.asarray(halves).astype(np.int64)
@@ -437,7 +534,17 @@ class Estep2D:
             Ys[..., F:] += ai * rc
             Ym = Ys.reshape(b * T, 2 * F)
             tick("shift")
-            L = (Ym @ Wr.T).reshape(b, T, K * R)                                    # cross term
+            if paired:
+                L = xp.empty((b, T, K, R), dtype=np.float32)
+                Ab = Ym[:, :F] @ Wre.T                                              # (bT, KR/2)
+                Bb = (Ym[:, F:] @ Wim.T).reshape(b, T, K, R2)
+                Ab = Ab.reshape(b, T, K, R2)
+                xp.add(Ab, Bb, out=L[..., :R2])
+                xp.subtract(Ab, Bb, out=L[..., R2:])
+                del Ab, Bb
+                L = L.reshape(b, T, K * R)
+            else:
+                L = (Ym @ Wr.T).reshape(b, T, K * R)                                # cross term
             # minus the quadratic term, plus the log prior (-inf switches a class off)
             L -= (0.5 * ((cx * cx * inv_s2) @ W2.T) - lp_cols[None, :])[:, None, :]
             L = L.reshape(b, T * K * R)
@@ -513,7 +620,8 @@ class Estep2D:
             return None, res
         # the adjoint leaks a little outside the sampled frequencies: keep B where F lives
         inv_grid = 1.0 / xp.maximum(xp.asarray(sigma2, dtype=np.float32), 1e-30)[self.shell_index]
-        data = xp.stack([self.backproject(data_sum[h]) for h in (0, 1)]) * (self._grid_sel * inv_grid)
+        data = (self.backproject(data_sum.reshape(2 * K, R, F)).reshape(2, K, *self.fourier_shape)
+                * (self._grid_sel * inv_grid))
         tick("backproject")
         weight = weight_shell
         acc = Accumulators(data=data, weight=weight.astype(np.float32), class_weight=class_w,

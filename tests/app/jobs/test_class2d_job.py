@@ -153,3 +153,20 @@ def test_class2d_skips_nan_images_and_aborts(tmp_path, sim):
     finally:
         base.JobContext.check_abort = orig
     assert (job / ABORTED).exists()
+
+
+def test_class2d_allow_coarser(tmp_path, sim):
+    """allow_coarser (RELION's option name) switches the coarse low-resolution grid on; the
+    written angles are still on the user's psi grid (the final pass uses it)."""
+    imgs, mol, _, ctf = sim
+    star = _write_project(tmp_path, imgs, ctf)
+    opts = {**OPTS, "allow_coarser": "Yes", "nr_iter_grad": "10"}
+    assert run_job("class2d", "Class2D/job009", {"fn_img": star, **opts},
+                   project_dir=tmp_path) == 0
+    data = read_star(tmp_path / "Class2D/job009/run_it010_data.star")["particles"]
+    psi = np.asarray(data["rlnAnglePsi"], dtype=float) % 360.0
+    assert np.allclose(np.round(psi / 15.0), psi / 15.0, atol=1e-3)
+    # the classes are still mostly one molecule each
+    cls = np.asarray(data["rlnClassNumber"], dtype=int)
+    big = [k for k in np.unique(cls) if (cls == k).sum() >= 0.05 * len(cls)]
+    assert np.mean([np.bincount(mol[cls == k] + 1).max() / (cls == k).sum() for k in big]) >= 0.8

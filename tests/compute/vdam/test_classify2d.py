@@ -188,3 +188,36 @@ def test_vdam_can_finish_with_em_iterations(data):
     assert all(ph != "em" for ph, _ in phases[:-2])
     res = clf.final_pass()
     assert (_purity(res.class_index, mol) >= 0.9).all()
+
+
+def test_coarse_sampling_while_the_resolution_is_low(data):
+    """With coarse_sampling the E-step searches a coarser psi/offset grid while its
+    resolution is low (here the 60 A cap of the initial phase) and the user's grid at the
+    end (10 A: 11.5 deg needed, 12 asked) and in the final pass; the classes stay pure and
+    the angles consistent."""
+    imgs, mol, psi_true, ctf = data
+    src = ArraySource(imgs, 4.0, ctf)
+    clf = Classify2D(src, _params(n_iter=20, grad_ini_resol_a=60.0, grad_fin_resol_a=10.0,
+                                  coarse_sampling=True))
+    user = clf.estep.sampling
+    early = clf.sampling_for(clf.resolution_cap_shell(0))
+    assert early.psi_step_deg > user.psi_step_deg and early.offset_step_px > user.offset_step_px
+    assert clf.sampling_for(clf.resolution_cap_shell(19)) == user
+    clf.initialise()
+    grids = []
+    while not clf.done:
+        clf.step()
+        grids.append(len(clf.estep.psi))
+    assert grids[0] < len(user.psi_deg())
+    res = clf.final_pass()
+    assert clf.estep.current_sampling == user
+    assert set(np.round(res.psi_deg, 6)) <= set(np.round(user.psi_deg(), 6))
+    # it still classifies, but less purely than the user's grid in this small box (where
+    # the 17 deg the 10-15 A caps allow stay coarser than the 12 asked for most of the run;
+    # docs/class2d.md): hence off by default
+    assert (_purity(res.class_index, mol) >= 0.8).all()
+    assert len({np.bincount(mol[res.class_index == k] + 1).argmax() - 1
+                for k in np.unique(res.class_index) if (res.class_index == k).sum() > 20}) == 3
+    assert _psi_consistency(res.class_index, psi_true, res.psi_deg, mol) < 10.0
+    off = Classify2D(src, _params(n_iter=20))                # the default: off
+    assert off.sampling_for(off.resolution_cap_shell(0)) == off.estep.sampling
