@@ -168,3 +168,20 @@ def test_psi_pairs_give_the_same_posteriors_as_the_plain_product():
     assert np.allclose(r1.log_likelihood, r0.log_likelihood, rtol=1e-4, atol=1e-2)
     assert np.allclose(r1.max_prob, r0.max_prob, atol=1e-4)
     assert np.linalg.norm(a1.data - a0.data) / np.linalg.norm(a0.data) < 1e-4
+
+
+def test_odd_number_of_angles_uses_the_single_product():
+    """25 angles cannot pair up: the plain product is used and poses are still found."""
+    rng = np.random.default_rng(8)
+    n = 32
+    es = Estep2D(n, 4.0, Sampling2D(14.4, 2, 1), 110, do_ctf=False)
+    es.set_resolution(14)
+    assert len(es.psi) == 25
+    mols = np.stack([blob_molecule(n, rng) * es.mask for _ in range(2)])
+    truth = [(1, 14.4 * 7, 1.0, 0.0), (0, 14.4 * 20, 0.0, -1.0)]
+    imgs = np.stack([rotate_shift(mols[k], psi, ox, oy) for k, psi, ox, oy in truth])
+    _, res = es.run(es.to_fourier(mols), es.prepare_images(imgs), CtfBatch.none(2),
+                    np.ones(es.n_shells), np.log(np.full(2, 0.5)), np.array([1, 2]))
+    assert res.class_index.tolist() == [1, 0]
+    assert np.allclose(res.psi_deg, [t[1] for t in truth])
+    assert np.allclose(res.origin_x_px, [1.0, 0.0]) and np.allclose(res.origin_y_px, [0.0, -1.0])
