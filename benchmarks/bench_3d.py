@@ -6,6 +6,8 @@ Plain script, prints a table. Examples (issue 9 acceptance sizes; hours on a loa
         --box 64 --seeds 1-10
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_3d.py inimodel --mol d2 --sym D2 ...
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_3d.py refine --n 20000 --box 64
+    # re-measure the maps a run saved with --save DIR:
+    .venv/bin/python benchmarks/bench_3d.py evaluate --mol d2 --sym D2 --seeds 1-10 --save DIR
 
 Initial model: K classes from blobs, the largest class aligned (rotation + hand) to the truth,
 FSC = 0.5 resolution vs the truth; with ``--sym`` the symmetry axes are found
@@ -61,6 +63,38 @@ def axes_error_deg(P) -> float:
     return float(np.degrees(np.arccos(np.clip(c.max(axis=1), -1, 1))).max())
 
 
+def evaluate(vol, mol: str, sym: str, px: float) -> tuple[float, float, float]:
+    """What the job would write (the map put on the symmetry axes) against the truth:
+    (correlation, FSC = 0.5 resolution after rotation/shift/hand alignment, axes error)."""
+    box = vol.shape[0]
+    err = float("nan")
+    if sym != "C1":
+        P, _ = find_symmetry_placement(vol, sym)
+        vol = rotate_volume(vol, P.T)
+        # the truth's axes are x, y, z: after alignment the map's axes must be too
+        Q, _ = find_symmetry_placement(vol, sym)
+        err = axes_error_deg(Q)
+    truth = density_map(molecule(mol), box, px)
+    aligned, cc, _ = align_map_to_reference(vol, truth)
+    return cc, resolution_at_threshold(fsc(aligned, truth), box, px, 0.5), err
+
+
+def bench_evaluate(a) -> None:
+    """Re-evaluate the models a run saved with ``--save`` (same measurement as the run)."""
+    import mrcfile
+    print(f"# saved initial models in {a.save}: {a.mol}, sym {a.sym}")
+    print("seed  corr   FSC0.5_A  nyq_A  axes_err_deg")
+    for seed in seeds_of(a.seeds):
+        fn = os.path.join(a.save, f"{a.mol}_s{seed}_model.mrc")
+        if not os.path.exists(fn):
+            print(f"{seed:4d}  (no saved model)")
+            continue
+        with mrcfile.open(fn) as f:
+            vol, px = np.array(f.data), float(f.voxel_size.x)
+        cc, res, err = evaluate(vol, a.mol, a.sym, px)
+        print(f"{seed:4d}  {cc:.3f}  {res:8.1f}  {2 * px:5.1f}  {err:6.2f}", flush=True)
+
+
 def bench_inimodel(a) -> None:
     print(f"# initial model: {a.mol}, {a.n} particles, box {a.box}, SNR {a.snr}, "
           f"{a.iters} mini-batches, K={a.k}, sym {a.sym}; load {os.getloadavg()[0]:.1f}")
@@ -89,17 +123,7 @@ def bench_inimodel(a) -> None:
                 with mrcfile.new(os.path.join(a.save, name), overwrite=True) as f:
                     f.set_data(np.asarray(m, dtype=np.float32))
                     f.voxel_size = px
-        err = float("nan")
-        if a.sym != "C1":
-            P, _ = find_symmetry_placement(vol, a.sym)
-            vol = rotate_volume(vol, P.T)
-        truth = density_map(molecule(a.mol), a.box, px)
-        if a.sym != "C1":
-            # the truth's axes are x, y, z: after alignment the map's axes must be too
-            Q, _ = find_symmetry_placement(vol, a.sym)
-            err = axes_error_deg(Q)
-        aligned, cc, _ = align_map_to_reference(vol, truth)
-        res = resolution_at_threshold(fsc(aligned, truth), a.box, px, 0.5)
+        cc, res, err = evaluate(vol, a.mol, a.sym, px)
         wall = time.perf_counter() - t0
         print(f"{seed:4d}  {wall:6.0f}  {t_batches / a.iters:7.2f}  {cc:.3f}  {res:8.1f}  "
               f"{2 * px:5.1f}  {err:6.2f}", flush=True)
@@ -139,7 +163,7 @@ def bench_refine(a) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["inimodel", "refine"])
+    ap.add_argument("what", choices=["inimodel", "refine", "evaluate"])
     ap.add_argument("--mol", default="asym")
     ap.add_argument("--sym", default="C1")
     ap.add_argument("--n", type=int, default=5000)
@@ -153,7 +177,7 @@ def main() -> None:
     ap.add_argument("--save", default="", help="folder for each seed's maps (MRC): the model "
                     "as found, and the truth")
     a = ap.parse_args()
-    (bench_inimodel if a.what == "inimodel" else bench_refine)(a)
+    {"inimodel": bench_inimodel, "refine": bench_refine, "evaluate": bench_evaluate}[a.what](a)
 
 
 if __name__ == "__main__":

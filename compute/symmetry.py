@@ -291,8 +291,8 @@ def align_map_to_reference(vol, ref, coarse_step_deg: float = 30.0, work_box: in
 
     Coarse search over SO(3) (HEALPix directions x in-plane angles at ``coarse_step_deg``) on
     down-sampled copies, each rotation with its best translation (FFT cross-correlation: a
-    de novo map's origin is arbitrary too); the ``n_candidates`` best (rotation, hand) are
-    each refined by a simplex over a rotation vector and a sub-voxel shift on ``refine_box``
+    de novo map's origin is arbitrary too); the ``n_candidates`` best rotations of each hand
+    are each refined by a simplex over a rotation vector and a sub-voxel shift on ``refine_box``
     copies, and the best refined one is applied to the full map. Used to compare an initial
     model with the ground truth (tests, benchmarks).
     """
@@ -315,11 +315,15 @@ def align_map_to_reference(vol, ref, coarse_step_deg: float = 30.0, work_box: in
             sh, sc = _best_shift(rotate_volume(vs, M), rs)
             scored.append((sc, ci, mirror, sh * (n / ws)))
     scored.sort(key=lambda t: -t[0])
+    # the best few of each hand: at the coarse size the two hands of a compact map score
+    # alike, and a symmetric map's top candidates are its symmetry copies of one optimum
+    hands = (False, True) if allow_mirror else (False,)
+    starts = [t for h in hands for t in [u for u in scored if u[2] == h][:max(1, n_candidates)]]
     rm = crop(r, refine_box)
     m_box = rm.shape[0]
     s0 = np.radians(coarse_step_deg) / 2
     best = None
-    for _, ci, mirror, sh_full in scored[:max(1, n_candidates)]:
+    for _, ci, mirror, sh_full in starts:
         vm = crop(v[::-1].copy() if mirror else v, refine_box)
         M0 = cands[ci]
 

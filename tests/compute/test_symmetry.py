@@ -131,3 +131,14 @@ def test_align_map_to_reference_recovers_rotation_shift_and_hand():
     # the same map without the shift search's help: the unshifted rotation alone is worse
     plain = rotate_volume(moved, M.T)
     assert np.corrcoef(plain.ravel(), truth.ravel())[0, 1] < cc - 0.05
+
+
+def test_align_map_to_reference_symmetric_map_of_the_other_hand():
+    """A D2 map already on its axes, of the other hand: its four symmetry copies fill the
+    top coarse candidates of one hand, so each hand must get its own candidates."""
+    from compute.symmetry import align_map_to_reference
+
+    truth = density_map(molecule("d2"), 32, 5.0)
+    out, cc, mir = align_map_to_reference(truth[::-1].copy(), truth)
+    assert mir is True
+    assert cc > 0.95
