@@ -29,6 +29,20 @@ def test_projection_matches_real_space_rotation():
         assert np.linalg.norm(W[j] - truth) / np.linalg.norm(truth) < 0.05
 
 
+def _find_poses(es, mols, truth):
+    """Run the E-step on noise-free images of ``truth`` = [(class, psi, ox, oy)] and check
+    that it finds each class, angle and shift; returns the accumulators and the result."""
+    imgs = np.stack([rotate_shift(mols[k], psi, ox, oy) for k, psi, ox, oy in truth])
+    X = es.prepare_images(imgs)
+    acc, res = es.run(es.to_fourier(mols), X, CtfBatch.none(len(truth)), np.ones(es.n_shells),
+                      np.log(np.full(len(mols), 1 / len(mols))), np.array([1, 2, 1]))
+    assert res.class_index.tolist() == [t[0] for t in truth]
+    assert np.allclose(res.psi_deg, [t[1] for t in truth])
+    assert np.allclose(res.origin_x_px, [t[2] for t in truth])
+    assert np.allclose(res.origin_y_px, [t[3] for t in truth])
+    return acc, res
+
+
 def test_estep_recovers_class_angle_and_shift():
     rng = np.random.default_rng(1)
     n = 32
@@ -36,14 +50,7 @@ def test_estep_recovers_class_angle_and_shift():
     es.set_resolution(16)
     mols = np.stack([blob_molecule(n, rng) * es.mask for _ in range(3)])
     truth = [(1, 30.0, 2.0, -1.0), (2, 120.0, 0.0, 1.0), (0, 250.0, -1.0, -2.0)]
-    imgs = np.stack([rotate_shift(mols[k], psi, ox, oy) for k, psi, ox, oy in truth])
-    X = es.prepare_images(imgs)
-    acc, res = es.run(es.to_fourier(mols), X, CtfBatch.none(3), np.ones(es.n_shells),
-                      np.log(np.full(3, 1 / 3)), np.array([1, 2, 1]))
-    assert res.class_index.tolist() == [t[0] for t in truth]
-    assert np.allclose(res.psi_deg, [t[1] for t in truth])
-    assert np.allclose(res.origin_x_px, [t[2] for t in truth])
-    assert np.allclose(res.origin_y_px, [t[3] for t in truth])
+    acc, res = _find_poses(es, mols, truth)
     assert (res.max_prob > 0.99).all() and (res.n_significant == 1).all()
     assert acc.class_weight.sum() == pytest.approx(3.0)
 
@@ -116,14 +123,7 @@ def test_estep_on_a_coarse_grid_and_back():
     es.set_resolution(12, coarse)
     assert len(es.psi) == 12 and len(es.offsets) == len(coarse.offsets_px())
     truth = [(1, 60.0, 2.0, 0.0), (2, 150.0, 0.0, -2.0), (0, 270.0, -2.0, 2.0)]
-    imgs = np.stack([rotate_shift(mols[k], psi, ox, oy) for k, psi, ox, oy in truth])
-    X = es.prepare_images(imgs)
-    _, res = es.run(es.to_fourier(mols), X, CtfBatch.none(3), np.ones(es.n_shells),
-                    np.log(np.full(3, 1 / 3)), np.array([1, 2, 1]))
-    assert res.class_index.tolist() == [t[0] for t in truth]
-    assert np.allclose(res.psi_deg, [t[1] for t in truth])
-    assert np.allclose(res.origin_x_px, [t[2] for t in truth])
-    assert np.allclose(res.origin_y_px, [t[3] for t in truth])
+    _find_poses(es, mols, truth)
     es.set_resolution(12)                                   # back to the construction grid
     assert len(es.psi) == 36 and len(es.offsets) == len(Sampling2D(10, 3, 1).offsets_px())
 
