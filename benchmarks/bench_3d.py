@@ -170,7 +170,8 @@ def main() -> None:
     ap.add_argument("--box", type=int, default=64)
     ap.add_argument("--snr", type=float, default=0.1)
     ap.add_argument("--iters", type=int, default=200)
-    ap.add_argument("--k", type=int, default=1)
+    ap.add_argument("--k", type=int, default=3,
+                    help="initial-model classes (the job's nr_classes default: 3; the largest is kept)")
     ap.add_argument("--ini-high", type=float, default=30.0)
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--verbose", action="store_true")
