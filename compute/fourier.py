@@ -166,6 +166,16 @@ def lowpass(img, resolution_a: float, pixel_size_a: float, edge_shells: float = 
     return be.irfftn(F * filt, s=n).astype(img.dtype, copy=False)
 
 
+def shift_volume(vol, shift_zyx) -> np.ndarray:
+    """A 3D map moved by ``shift_zyx`` voxels (sub-voxel, circular: Fourier shift theorem)."""
+    v = np.asarray(vol, dtype=np.float32)
+    n = v.shape
+    k = np.meshgrid(*[np.fft.fftfreq(m) for m in n[:-1]], np.fft.rfftfreq(n[-1]), indexing="ij")
+    ph = sum(kk * float(s) for kk, s in zip(k, shift_zyx))
+    return np.fft.irfftn(np.fft.rfftn(v) * np.exp(-2j * np.pi * ph), s=n,
+                         axes=tuple(range(len(n)))).astype(np.float32)
+
+
 def shift_image(img, shift_yx, xp: ModuleType | None = None):
     """Sub-pixel shift of 2D image(s) by (dy, dx) pixels via the Fourier shift theorem."""
     xp = xp or xp_of(img)

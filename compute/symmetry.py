@@ -253,16 +253,6 @@ def align_to_symmetry(vol, name: str, **kw) -> tuple[np.ndarray, np.ndarray, flo
     return symmetrise(aligned, name), P, score
 
 
-def _shift_volume(vol, shift_zyx):
-    """``vol`` moved by ``shift_zyx`` voxels (sub-voxel, circular: Fourier phase ramp)."""
-    n = vol.shape
-    F = np.fft.rfftn(vol)
-    k = np.meshgrid(*[np.fft.fftfreq(m) for m in n[:-1]], np.fft.rfftfreq(n[-1]), indexing="ij")
-    ph = sum(kk * float(s) for kk, s in zip(k, shift_zyx))
-    return np.fft.irfftn(F * np.exp(-2j * np.pi * ph), s=n,
-                         axes=tuple(range(len(n)))).astype(np.float32)
-
-
 def _best_shift(a, b, max_frac: float = 0.25) -> tuple[np.ndarray, float]:
     """Integer shift ``s`` (z, y, x; at most ``max_frac`` of the box) maximising the
     correlation of ``a`` moved by ``s`` with ``b``, and that correlation."""
@@ -298,7 +288,7 @@ def align_map_to_reference(vol, ref, coarse_step_deg: float = 30.0, work_box: in
     """
     from scipy.optimize import minimize
 
-    from compute.fourier import fourier_crop
+    from compute.fourier import fourier_crop, shift_volume
     from compute.orientations import grid_matrices, order_for_step
 
     v = be.to_numpy(vol).astype(np.float32)
@@ -329,7 +319,7 @@ def align_map_to_reference(vol, ref, coarse_step_deg: float = 30.0, work_box: in
 
         def neg(x, vm=vm, M0=M0):
             rot = rotate_volume(vm, _rotvec_matrix(x[:3]) @ M0)
-            return -_corr(_shift_volume(rot, x[3:]), rm)
+            return -_corr(shift_volume(rot, x[3:]), rm)
 
         x0 = np.concatenate([np.zeros(3), sh_full * (m_box / n)])
         simplex = np.vstack([x0, x0 + np.diag([s0, s0, s0, 1.0, 1.0, 1.0])])
@@ -340,5 +330,5 @@ def align_map_to_reference(vol, ref, coarse_step_deg: float = 30.0, work_box: in
             best = (float(res.fun), res.x, M0, mirror)
     _, x, M0, mirror = best
     vv = v[::-1].copy() if mirror else v
-    out = _shift_volume(rotate_volume(vv, _rotvec_matrix(x[:3]) @ M0), x[3:] * (n / m_box))
+    out = shift_volume(rotate_volume(vv, _rotvec_matrix(x[:3]) @ M0), x[3:] * (n / m_box))
     return out, _corr(out, r), mirror

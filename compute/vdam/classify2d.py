@@ -91,10 +91,6 @@ class Classify2DParams:
     zero_mask: bool = True                  # do_zero_mask
     inactivity_threshold: float = 0.1       # class_inactivity_threshold (0 = off)
     replacement: str = "split"              # "split" the biggest class / "copy" (RELION 4)
-    # VDAM only: cap on the E-step resolution, grad_ini_resol in the initial phase, linear to
-    # grad_fin_resol over the middle phase, grad_fin_resol in the final phase and final pass
-    # (RELION 4's --grad_ini_resol / --grad_fin_resol, whose defaults are 35 / 15 A); None =
-    # the FSC rule alone
     # VDAM only: EM iterations over all particles after the mini-batches, before the final
     # pass (RELION 4's --grad_em_iters, default 0)
     grad_em_iters: int = 0
@@ -104,6 +100,10 @@ class Classify2DParams:
     # VDAM and EM alike (job option allow_coarser, as RELION's, off by default: 5-7 % less
     # CPU on the standard set, but less pure classes in small boxes; docs/class2d.md)
     coarse_sampling: bool = False
+    # VDAM only: cap on the E-step resolution, grad_ini_resol in the initial phase, linear to
+    # grad_fin_resol over the middle phase, grad_fin_resol in the final phase and final pass
+    # (RELION 4's --grad_ini_resol / --grad_fin_resol, whose defaults are 35 / 15 A); None =
+    # the FSC rule alone
     grad_ini_resol_a: float | None = 35.0
     grad_fin_resol_a: float | None = 15.0
     seed: int = 1
@@ -367,7 +367,7 @@ class Classify2D:
         d.update({f"res_{k}": getattr(self.results, k) for k in self.results.__dataclass_fields__})
         pi, off = self.sampler.position()
         last = np.full(self.params.n_classes, -1, dtype=np.int64)
-        for k, t in self.optimiser._last_replaced.items():
+        for k, t in self.optimiser.last_replaced.items():
             last[k] = t
         d.update(sampler=np.array([pi, off]), r_max=np.array(self.r_max), bad=self.bad,
                  last_replaced=last,
@@ -386,7 +386,7 @@ class Classify2D:
                                     pass_index=pi, offset=off)
         self.r_max = float(d["r_max"])
         if "last_replaced" in d:
-            self.optimiser._last_replaced = {int(k): int(t) for k, t in
+            self.optimiser.last_replaced = {int(k): int(t) for k, t in
                                              enumerate(np.asarray(d["last_replaced"])) if t >= 0}
         self.bad = np.asarray(d["bad"]).astype(bool)
         self.halves = np.asarray(d["halves"])

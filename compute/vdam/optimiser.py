@@ -166,7 +166,7 @@ class VdamOptimiser:
         self.replacement_cooldown = int(replacement_cooldown)
         # mini-batch index of each class's last replacement (split mode; the 2D driver saves
         # it with its checkpoints)
-        self._last_replaced: dict[int, int] = {}
+        self.last_replaced: dict[int, int] = {}
 
     # -- helpers -----------------------------------------------------------------------------
     def _expand_weight(self, weight):
@@ -291,7 +291,7 @@ class VdamOptimiser:
         """
         K = state.n_classes
         it = state.iteration
-        recent = {k for k, t in self._last_replaced.items()
+        recent = {k for k, t in self.last_replaced.items()
                   if it - t < self.replacement_cooldown}
         cand_a = [k for k in range(K) if k not in recent]
         if not cand_a:
@@ -318,7 +318,7 @@ class VdamOptimiser:
         state.class_frac[a] = state.class_frac[b] = half
         state.n_updates[a] = state.n_updates[b]
         state.fsc[a] = state.fsc[b]
-        self._last_replaced[a] = self._last_replaced[b] = it
+        self.last_replaced[a] = self.last_replaced[b] = it
         return a, b
 
     # -- EM -----------------------------------------------------------------------------------

@@ -117,11 +117,12 @@ def test_align_to_symmetry_recovers_axes(name, mol):
 def test_align_map_to_reference_recovers_rotation_shift_and_hand():
     """A de novo model comes in any orientation, hand and origin: the truth comparison must
     undo all three (without the shift search a 3-voxel offset cost ~0.25 in correlation)."""
-    from compute.symmetry import _shift_volume, align_map_to_reference
+    from compute.fourier import shift_volume
+    from compute.symmetry import align_map_to_reference
 
     truth = density_map(molecule("asym"), 32, 5.4)
     M = np.asarray(euler_to_matrix(47.0, 71.0, -128.0), dtype=np.float64).reshape(3, 3)
-    moved = _shift_volume(rotate_volume(truth, M), (2.6, -3.1, 1.4))
+    moved = shift_volume(rotate_volume(truth, M), (2.6, -3.1, 1.4))
     for mirrored in (False, True):
         v = moved[::-1].copy() if mirrored else moved
         out, cc, mir = align_map_to_reference(v, truth)
