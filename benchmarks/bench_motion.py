@@ -12,7 +12,7 @@ local deformation, dose damage, Poisson counting, gain, hot/dead pixels):
   dose-weighted vs plain beyond 1/8 Å⁻¹.
 
 Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_motion.py [--size 4096]
-[--frames 40] [--threads 2] [--seed 1] [--only a|b]``. The simulated movies are cached under
+[--frames 40] [--threads 2] [--seed 1] [--only a|b] [--dose 1] [--jitter 0.05]``. The simulated movies are cached under
 ``--cache``.
 """
 
@@ -29,17 +29,21 @@ from compute import backend as be
 from compute import fourier, motion
 
 
-def make_movie(size: int, frames: int, cache: Path, seed: int, local_px: float):
+def make_movie(size: int, frames: int, cache: Path, seed: int, local_px: float,
+               dose: float = 1.0, jitter: float = 0.05):
     # v2: simulator with drift_px bounding the largest excursion and ice moving (2026-12)
-    f = cache / f"movie_v2_{size}_{frames}_{seed}_{local_px:g}.npz"
+    tag = "" if (dose, jitter) == (1.0, 0.05) else f"_d{dose:g}_j{jitter:g}"
+    f = cache / f"movie_v2_{size}_{frames}_{seed}_{local_px:g}{tag}.npz"
     if f.is_file():
         d = np.load(f)
         return {k: d[k] for k in d.files}
     from compute.simulate.movie import simulate_movie
 
     t = time.monotonic()
-    mv = simulate_movie(size, frames, drift_px=30.0, local_px=local_px, seed=seed)
-    print(f"simulated {size}² x {frames} (local {local_px} px) in {time.monotonic() - t:.0f} s")
+    mv = simulate_movie(size, frames, drift_px=30.0, local_px=local_px, seed=seed,
+                        dose_per_frame_e_a2=dose, jitter_px=jitter)
+    print(f"simulated {size}² x {frames} (local {local_px} px, {dose:g} e/A^2/frame, "
+          f"jitter {jitter:g} px/frame) in {time.monotonic() - t:.0f} s")
     # the average displacement over the field (global + mean local deformation) is what a
     # whole-frame alignment can see; both are kept
     g = np.linspace(0.05, 0.95, 16) * size
@@ -84,6 +88,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--local-px", dest="local_px", type=float, default=2.0)
+    ap.add_argument("--dose", type=float, default=1.0, help="e/A^2 per frame (default 1)")
+    ap.add_argument("--jitter", type=float, default=0.05,
+                    help="random-walk jitter of the simulated trajectory, px/frame (default 0.05)")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/scopeside-bench"))
     ap.add_argument("--only", choices=("a", "b"), default=None,
                     help="run only movie A (seed; drift only) or only movie B (seed + 1)")
@@ -102,9 +109,9 @@ def main() -> None:
 
 def run_a(a) -> None:
     # A: global drift only, for the trajectory error
-    m = make_movie(a.size, a.frames, a.cache, a.seed, 0.0)
+    m = make_movie(a.size, a.frames, a.cache, a.seed, 0.0, a.dose, a.jitter)
     px = float(m["px"])
-    opts = motion.MotionOptions(pixel_size_a=px, dose_per_frame_e_a2=1.0, patch_x=1, patch_y=1)
+    opts = motion.MotionOptions(pixel_size_a=px, dose_per_frame_e_a2=a.dose, patch_x=1, patch_y=1)
     note, stages = stage_clock()
     t, c = time.monotonic(), time.process_time()
     res = motion.correct_motion(m["frames"], opts, gain=m["gain"], progress=note)
@@ -125,7 +132,7 @@ def run_a(a) -> None:
 
 def run_b(a) -> None:
     # B: with local deformation, whole-frame vs patches
-    m = make_movie(a.size, a.frames, a.cache, a.seed + 1, a.local_px)
+    m = make_movie(a.size, a.frames, a.cache, a.seed + 1, a.local_px, a.dose, a.jitter)
     px = float(m["px"])
     n = m["truth"].shape[0]
     lo, hi, b8 = int(n * px / 50), int(n * px / 4), int(n * px / 8)
@@ -133,7 +140,7 @@ def run_b(a) -> None:
     print(f"   {'alignment':<14}{'wall s':>8}{'CPU s':>8}{'RMS vs mean disp':>18}"
           f"{'FRC 1/50-1/4':>14}{'FRC>1/8 DW':>12}{'FRC>1/8 plain':>15}")
     for label, patches in (("whole-frame", 1), ("5x5 patches", 5)):
-        opts = motion.MotionOptions(pixel_size_a=px, dose_per_frame_e_a2=1.0,
+        opts = motion.MotionOptions(pixel_size_a=px, dose_per_frame_e_a2=a.dose,
                                     patch_x=patches, patch_y=patches)
         note, stages = stage_clock()
         t, c = time.monotonic(), time.process_time()

@@ -577,6 +577,25 @@ def _coarse_step(F, self_power, shifts, ky, kx, W, shape, scale, r: int, taper, 
     return pk * xp.asarray([fy, fx])
 
 
+def curvature_relaxation(y, rel_sigma=None):
+    """Penalty weights (n - 2,) in (0, 1] for the second differences of a measured track.
+
+    A second difference far above its own noise marks real curvature (the fast first
+    frames): its weight drops towards 0 so the smoother may follow it. The noise of each
+    second difference comes from the relative per-frame noise ``rel_sigma`` (the trend of the
+    standard errors; flat if None), scaled so that the normalised third differences have a
+    unit robust spread; the noisy, dose-damaged late frames therefore need a larger bend
+    before they count as motion.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    r = np.ones_like(y) if rel_sigma is None else np.asarray(rel_sigma, dtype=np.float64)
+    z3 = np.diff(y, 3) / np.sqrt(r[:-3] ** 2 + 9 * r[1:-2] ** 2 + 9 * r[2:-1] ** 2 + r[3:] ** 2)
+    scale3 = 1.4826 * np.median(np.abs(z3 - np.median(z3))) + 1e-9
+    noise2 = scale3 * np.sqrt(r[:-2] ** 2 + 4 * r[1:-1] ** 2 + r[2:] ** 2)
+    curv = np.abs(np.diff(y, 2))
+    return 1.0 / (1.0 + (curv / (4.0 * noise2)) ** 2)
+
+
 def smooth_trajectory(shifts, lambdas=None, sigma=None, order: int = 3,
                       criterion: str = "reml"):
     """Denoise a measured trajectory (n, 2) with an adaptive, weighted Whittaker smoother.
@@ -586,7 +605,10 @@ def smooth_trajectory(shifts, lambdas=None, sigma=None, order: int = 3,
     without ``sigma``; the per-frame standard errors of :func:`align_stack` make the smoother
     follow the well-measured early frames, where the fast initial motion is, and average the
     noisy, dose-damaged late ones), ``D`` finite differences, and ``v_j`` relax the penalty
-    where the measured curvature is far above the noise (the fast first frames). ``lambda``
+    where the measured curvature is far above its local noise (the fast first frames; the
+    noise of each second difference is taken from the sigma trend, scaled to the data's
+    third differences, so the noisier late frames are not mistaken for curvature; with a
+    flat sigma this is the plain robust spread of the third differences). ``lambda``
     is chosen per axis by ``criterion``: ``"reml"`` (default) maximises the restricted
     marginal likelihood of the data under the Gaussian smoothness prior the penalty stands
     for, with the overall noise scale profiled out (so ``sigma`` only needs to be right in
@@ -605,18 +627,17 @@ def smooth_trajectory(shifts, lambdas=None, sigma=None, order: int = 3,
     if lambdas is None:
         lambdas = np.logspace(-2, 4, 25)
     t = np.arange(n, dtype=np.float64)
-    wts = np.ones_like(m)
+    trends = np.ones_like(m)           # relative noise level per frame and axis
     if sigma is not None:
         sg = np.asarray(be.to_numpy(sigma), dtype=np.float64).reshape(n, -1)
         for a in range(m.shape[1]):
             lg = np.log(np.clip(sg[:, a], 1e-6, 1e6))
             ok = np.isfinite(sg[:, a]) & (sg[:, a] > 0)
             if ok.sum() >= 5:
-                trend = np.exp(np.polyval(np.polyfit(t[ok], lg[ok], 2), t))
-                wts[:, a] = 1.0 / trend ** 2
-        wts /= wts.mean(axis=0, keepdims=True)
+                trends[:, a] = np.exp(np.polyval(np.polyfit(t[ok], lg[ok], 2), t))
+    wts = 1.0 / trends ** 2
+    wts /= wts.mean(axis=0, keepdims=True)
     D = np.diff(np.eye(n), order, axis=0)
-    D2 = np.diff(np.eye(n), 2, axis=0)
     out = np.empty_like(m)
     for a in range(m.shape[1]):
         y = m[:, a].copy()
@@ -633,10 +654,7 @@ def smooth_trajectory(shifts, lambdas=None, sigma=None, order: int = 3,
         if bad.any() and (~bad).sum() >= order + 3:
             y[bad] = med[bad]
             w[bad] = 0.0
-        d3 = np.diff(y, 3)
-        sigma_n = 1.4826 * np.median(np.abs(d3 - np.median(d3))) / np.sqrt(20.0) + 1e-9
-        curv = np.abs(D2 @ y)  # second differences of the data mark the fast phase
-        v2 = 1.0 / (1.0 + (curv / (4.0 * sigma_n * np.sqrt(6.0))) ** 2)
+        v2 = curvature_relaxation(y, trends[:, a])
         # penalty weights per row of D: the smallest v2 the row's frames touch
         v = np.array([v2[max(0, j - 1):j + order - 1].min() if v2.size else 1.0
                       for j in range(D.shape[0])])

@@ -283,6 +283,27 @@ def test_simulated_movie_trajectory_against_truth():
     assert rms(res.shifts_px) < rms(raw.shifts_px), (rms(res.shifts_px), rms(raw.shifts_px))
 
 
+def test_curvature_relaxation_uses_the_local_noise():
+    # noise rising 0.05 -> 0.6 px over the movie (dose damage): a steady drift's noisy late
+    # frames must not be taken for curvature, and the fast, well-measured start must be.
+    # With a flat noise level (what the smoother assumed before 2026-12-05) it is the other
+    # way round on both counts.
+    n = 40
+    t = np.arange(n)
+    sd = np.linspace(0.05, 0.6, n)
+    late = {"local": [], "flat": []}
+    early = {"local": [], "flat": []}
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        line = 0.4 * t + rng.normal(0, 1, n) * sd
+        start = 12 * (1 - np.exp(-t / 3.0)) + 0.3 * t + rng.normal(0, 1, n) * sd
+        for key, rel in (("local", sd), ("flat", None)):
+            late[key].append(motion.curvature_relaxation(line, rel)[-10:].mean())
+            early[key].append(motion.curvature_relaxation(start, rel)[:3].min())
+    assert np.mean(late["local"]) > 0.9 and np.mean(late["local"]) > np.mean(late["flat"]) + 0.05, late
+    assert np.mean(early["local"]) < 0.5 and np.mean(early["local"]) < np.mean(early["flat"]) - 0.3, early
+
+
 def test_smoother_drops_a_lost_frame():
     n = 30
     t = np.arange(n)
