@@ -90,7 +90,11 @@ class Classify2DParams:
     do_ctf: bool = True                     # do_ctf_correction
     zero_mask: bool = True                  # do_zero_mask
     inactivity_threshold: float = 0.1       # class_inactivity_threshold (0 = off)
-    replacement: str = "split"              # "split" the biggest class / "copy" (RELION 4)
+    replacement: str = "split"              # "split" a class in two / "copy" (RELION 4)
+    # which class a split takes its halves from: "misfit", the class whose particles fit it
+    # worst (class_misfit), or "largest", the biggest class (the rule before 2026-12-05);
+    # docs/class2d.md, "Junk classes in VDAM"
+    split_source: str = "misfit"
     # VDAM only: EM iterations over all particles after the mini-batches, before the final
     # pass (RELION 4's --grad_em_iters, default 0)
     grad_em_iters: int = 0
@@ -110,6 +114,28 @@ class Classify2DParams:
     ini_resolution_a: float = 30.0          # resolution limit of the first E-steps
     resolution_increment_shells: int = 5
     em_batch: int = 1000                    # particles per E-step call in EM / final pass
+
+
+def class_misfit(class_index, log_likelihood, n_classes: int,
+                 min_members: int = 3) -> np.ndarray:
+    """How badly each class fits its particles in one mini-batch, (K,).
+
+    The sum over the class's particles of how far each one's log-likelihood (at its best
+    hypothesis) lies below the median of the class: large for a class that holds particles
+    its reference does not explain (junk in a molecule class, two kinds of junk in one
+    class), and it grows with the number of such particles. Classes with fewer than
+    ``min_members`` particles in the batch score 0. The split replacement divides the class
+    with the largest score, as bisecting k-means splits the cluster with the largest spread
+    (the one-sided, robust analogue of its sum of squared errors).
+    """
+    cls = np.asarray(class_index)
+    ll = np.asarray(log_likelihood, dtype=np.float64)
+    out = np.zeros(int(n_classes))
+    for k in np.unique(cls[cls >= 0]):
+        sel = cls == k
+        if sel.sum() >= min_members:
+            out[k] = np.maximum(np.median(ll[sel]) - ll[sel], 0.0).sum()
+    return out
 
 
 @dataclass
@@ -136,6 +162,9 @@ class Classify2D:
         if p.n_classes > n:
             raise ComputeError(f"{p.n_classes} classes requested but there are only {n} "
                                "particles; use fewer classes")
+        if p.split_source not in ("misfit", "largest"):
+            raise ComputeError(f"split_source must be 'misfit' or 'largest', got "
+                               f"{p.split_source!r}")
         self.source = source
         self.params = p
         self.xp = xp
@@ -313,12 +342,15 @@ class Classify2D:
         idx = self.sampler.next(stage.batch_size)
         idx = idx[~self.bad[idx]]
         r_used = self.r_max
-        idx, acc, _ = self._estep(idx)
+        idx, acc, res = self._estep(idx)
         replaced: list[tuple[int, int]] = []
         if acc is not None:
             rho = self.params.inactivity_threshold if stage.phase == "middle" else None
+            score = None
+            if rho and self.params.split_source == "misfit":
+                score = class_misfit(res.class_index, res.log_likelihood, self.params.n_classes)
             replaced = self.optimiser.vdam_step(self.state, acc, stage.step, stage.tau_fudge,
-                                                inactivity_threshold=rho)
+                                                inactivity_threshold=rho, split_score=score)
         else:
             self.state.iteration += 1
         self._update_rmax()

@@ -196,13 +196,15 @@ class VdamOptimiser:
 
     # -- VDAM ---------------------------------------------------------------------------------
     def vdam_step(self, state: OptimiserState, acc: Accumulators, step: float, tau_fudge: float,
-                  inactivity_threshold: float | None = None) -> list[tuple[int, int]]:
+                  inactivity_threshold: float | None = None,
+                  split_score=None) -> list[tuple[int, int]]:
         """One VDAM update from one mini-batch. Returns the (replaced, source) class pairs.
 
         ``inactivity_threshold`` (rho) switches on inactive-class replacement (middle phase):
         the class with the smallest fraction a, if p_a < rho/K, takes the reference and moments
         of the class b with the largest normalised update, plus b's update; b keeps its old
-        reference.
+        reference (``copy``). In ``split`` mode see :meth:`_split_replace`; ``split_score``
+        (K,) then chooses the source class (largest score) instead of the class size.
         """
         xp = xp_of(state.refs)
         K = state.n_classes
@@ -248,7 +250,7 @@ class VdamOptimiser:
         if inactivity_threshold is not None and inactivity_threshold > 0 and K > 1:
             if self.replacement == "split":
                 pair = self._split_replace(state, v, new, delta, fx, D1, D2, eta,
-                                           inactivity_threshold)
+                                           inactivity_threshold, split_score)
                 if pair is not None:
                     replaced.append(pair)
             else:
@@ -275,8 +277,8 @@ class VdamOptimiser:
         return replaced
 
     def _split_replace(self, state: OptimiserState, v, new, delta, fx, D1, D2, eta,
-                       rho: float) -> tuple[int, int] | None:
-        """Split mode: the emptiest class a takes over one half of the biggest class b.
+                       rho: float, score=None) -> tuple[int, int] | None:
+        """Split mode: the emptiest class a takes over one half of class b.
 
         With the RELION-4 copy (a <- v_b + delta_b, b keeps v_b) the copy is b's *updated*
         reference, so it wins every one of b's particles; b empties and is replaced next, and
@@ -286,8 +288,11 @@ class VdamOptimiser:
         moments set to b's half-2 moment. Neither is favoured, so b's particles divide
         between the two (they differ by b's half-set disagreement, and drift apart where b
         holds more than one kind of particle) and the class fractions are halved. Source b
-        is the largest class not replaced or split in the last ``replacement_cooldown``
-        mini-batches, and a is only replaced if it has not been re-seeded that recently.
+        is, among the classes not replaced or split in the last ``replacement_cooldown``
+        mini-batches, the one with the largest ``score`` (the 2D driver passes how badly each
+        class fits its particles, :func:`compute.vdam.classify2d.class_misfit`), or the
+        largest class when ``score`` is None; a is only replaced if it has not been re-seeded
+        that recently.
         """
         K = state.n_classes
         it = state.iteration
@@ -302,7 +307,10 @@ class VdamOptimiser:
         cand_b = [k for k in range(K) if k != a and k not in recent]
         if not cand_b:
             return None
-        b = max(cand_b, key=lambda k: state.class_frac[k])
+        if score is None:
+            b = max(cand_b, key=lambda k: state.class_frac[k])
+        else:
+            b = max(cand_b, key=lambda k: (float(score[k]), state.class_frac[k]))
         if state.class_frac[b] <= 2.0 * state.class_frac[a]:
             return None
         e = float(eta[b])

@@ -155,6 +155,23 @@ def test_split_replacement_divides_the_biggest_class_symmetrically():
     assert st.class_frac[0] < 0.35
 
 
+def test_split_source_is_the_class_with_the_largest_score():
+    """With a split score (the 2D driver's misfit per class) the split divides the class
+    that scores highest, not the biggest one; without it, the biggest."""
+    rng, opt, st, target = _three_class_state()
+    st.class_frac = np.array([0.6, 0.3, 0.099, 0.001])
+    acc = _acc(st.refs, target, 2.0, rng, noise=5.0)
+    acc.class_weight = np.array([[60.0, 30.0, 10.0, 0.0], [60.0, 30.0, 10.0, 0.0]])
+    replaced = opt.vdam_step(st, acc, 0.9, 1.0, inactivity_threshold=0.1,
+                             split_score=np.array([1.0, 7.0, 3.0, 0.0]))
+    assert replaced == [(3, 1)]
+    assert st.class_frac[3] == pytest.approx(st.class_frac[1])
+    assert st.class_frac[0] > 0.5                          # the biggest class is left alone
+    rng, opt, st, target = _three_class_state()
+    st.class_frac = np.array([0.6, 0.3, 0.099, 0.001])
+    assert opt.vdam_step(st, acc, 0.9, 1.0, inactivity_threshold=0.1) == [(3, 0)]
+
+
 def test_split_replacement_protects_fresh_classes_from_churn():
     rng, opt, st, target = _three_class_state()
     pairs = []
