@@ -207,7 +207,6 @@ class Estep2D:
         self.xp = xp
         self.pad = 2
         self.chunk_floats = int(chunk_floats)
-        self.particle_diameter_a = float(particle_diameter_a)
         #: evaluate psi and psi + 180 together (exact; needs an even number of angles)
         self.pair_psi = True
         n = self.box
@@ -378,16 +377,14 @@ class Estep2D:
 
     def project(self, refs_fourier):
         """Rotated references on the sample set: (K, R, F) complex64."""
+        # bilinear read of the padded transforms: on the CPU from the half plane
+        # (K, m*(m//2+1)) by the sparse read matrices, else from the full plane (K, m*m)
         P = self._padded_transforms(refs_fourier, half=self._read_mat is not None)
-        return self._read(P, self._read_idx, self._read_w, self._read_mat)
-
-    def _read(self, P, read_idx, read_w, read_mat):
-        """Bilinear read of the padded transforms -> (K, R, F) complex64 (on the CPU from
-        the half plane (K, m*(m//2+1)), else from the full plane (K, m*m))."""
         k = P.shape[0]
+        read_idx, read_w = self._read_idx, self._read_w
         R, F = read_idx.shape[:2]
-        if read_mat is not None:
-            _, half_re, half_im = read_mat
+        if self._read_mat is not None:
+            _, half_re, half_im = self._read_mat
             W = np.empty((R * F, k), dtype=np.complex64)
             W.real = half_re @ np.ascontiguousarray(P.real.T)                      # (R*F, K)
             W.imag = half_im @ np.ascontiguousarray(P.imag.T)
