@@ -69,8 +69,13 @@ class RefineIteration:
     step_deg: float
     r_max: float
     local: bool
-    angle_change_deg: float
+    angle_change_deg: float               # median over the particles (drives the sampling)
     seconds: float
+    # on a discrete grid most particles keep their orientation once the map has settled, so
+    # the median reads 0; the mean and the fraction that moved show what is still changing
+    # (RELION prints the mean, rlnChangesOptimalOrientations)
+    angle_change_mean_deg: float = float("nan")
+    changed_fraction: float = float("nan")
 
 
 @dataclass
@@ -215,11 +220,14 @@ class Refine3D:
         self.fsc[int(self.r_max) + 1:] = 0.0
         box, px = self.source.box, self.source.pixel_size_a
         self.resolution_a = resolution_at_threshold(self.fsc, box, px, 0.143)
-        change = np.nan
+        change = mean_change = moved = np.nan
         if np.isfinite(prev).all():
-            change = float(np.median(angular_distance_deg(prev, self.rot)))
+            dist = angular_distance_deg(prev, self.rot)
+            change = float(np.median(dist))
+            mean_change = float(np.mean(dist))
+            moved = float(np.mean(dist > 1e-3))
         info = RefineIteration(self.iteration + 1, self.resolution_a, self.step_deg, self.r_max,
-                               local, change, time.perf_counter() - t0)
+                               local, change, time.perf_counter() - t0, mean_change, moved)
         self.history.append(info)
         self.iteration += 1
         self._next_sampling(change)

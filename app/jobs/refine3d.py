@@ -126,9 +126,10 @@ class Refine3DJob(Job):
 
             info = ref3d.iterate(progress=prog)
             ctx.info("iteration %d: resolution %.2f A, step %.2f deg (%s), %.0f s, "
-                     "median angular change %.2f deg", info.iteration, info.resolution_a,
-                     info.step_deg, "local" if info.local else "global", info.seconds,
-                     info.angle_change_deg)
+                     "angular change median %.2f / mean %.2f deg, %.0f %% of particles moved",
+                     info.iteration, info.resolution_a, info.step_deg,
+                     "local" if info.local else "global", info.seconds, info.angle_change_deg,
+                     info.angle_change_mean_deg, 100.0 * info.changed_fraction)
             for h in (1, 2):
                 write_mrc(ctx.path(f"run_it{info.iteration:03d}_half{h}_class001.mrc"),
                           ref3d.refs[h - 1], pixel_size_a=px)

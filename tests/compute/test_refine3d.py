@@ -31,8 +31,17 @@ def test_refine_asym_recovers_truth_without_overfitting():
     p = Refine3DParams(ini_high_a=4.5 * px, particle_diameter_a=0.9 * box * px,
                        offset_range_px=2, offset_step_px=1, max_iter=5)
     r = Refine3D(src, truth, p)
+    prev = None
     while not r.done:
-        r.iterate()
+        before = None if prev is None else r.rot.copy()
+        info = r.iterate()
+        if before is not None:
+            # the reported changes are the particles' orientation changes of this iteration
+            dist = angular_distance_deg(before, r.rot)
+            assert info.angle_change_deg == pytest.approx(np.median(dist))
+            assert info.angle_change_mean_deg == pytest.approx(np.mean(dist))
+            assert info.changed_fraction == pytest.approx(np.mean(dist > 1e-3))
+        prev = info
     res = r.result()
     assert len(res.history) >= 2
     vs_truth = resolution_at_threshold(fsc(res.combined, truth), box, px, 0.5)
