@@ -95,6 +95,11 @@ class Classify2DParams:
     # worst (class_misfit), or "largest", the biggest class (the rule before 2026-12-05);
     # docs/class2d.md, "Junk classes in VDAM"
     split_source: str = "misfit"
+    # how a split divides its source class b: "misfit", the two children from b's particles
+    # in the mini-batch that fit it worse / better than its median (they differ along b's
+    # heterogeneity), or "halfset", from b's two half-set moments (they differ by half-set
+    # noise; the rule before 2026-12-05 06:35 UTC); docs/class2d.md, "Junk classes in VDAM"
+    split_mode: str = "misfit"
     # VDAM only: EM iterations over all particles after the mini-batches, before the final
     # pass (RELION 4's --grad_em_iters, default 0)
     grad_em_iters: int = 0
@@ -165,6 +170,9 @@ class Classify2D:
         if p.split_source not in ("misfit", "largest"):
             raise ComputeError(f"split_source must be 'misfit' or 'largest', got "
                                f"{p.split_source!r}")
+        if p.split_mode not in ("halfset", "misfit"):
+            raise ComputeError(f"split_mode must be 'halfset' or 'misfit', got "
+                               f"{p.split_mode!r}")
         self.source = source
         self.params = p
         self.xp = xp
@@ -349,12 +357,45 @@ class Classify2D:
             score = None
             if rho and self.params.split_source == "misfit":
                 score = class_misfit(res.class_index, res.log_likelihood, self.params.n_classes)
+            groups = None
+            if rho and self.params.split_mode == "misfit":
+                groups = self._fit_groups(idx, res)
             replaced = self.optimiser.vdam_step(self.state, acc, stage.step, stage.tau_fudge,
-                                                inactivity_threshold=rho, split_score=score)
+                                                inactivity_threshold=rho, split_score=score,
+                                                split_groups=groups)
         else:
             self.state.iteration += 1
         self._update_rmax()
         return StepInfo(it + 1, self.n_total, stage.phase, len(idx), 0.0, 0.0, r_used, replaced)
+
+    def _fit_groups(self, idx: np.ndarray, res: ParticleResults, min_members: int = 4):
+        """For the misfit split: ``b -> Accumulators`` of class b's particles in this
+        mini-batch, re-run through the E-step (same references, noise and priors as the
+        batch) with the half-set slot standing for the fit group: 1 = log-likelihood below
+        the class's median, 2 = the rest. None when b holds fewer than ``min_members``."""
+        st = self.state
+        refs, sigma2 = st.refs, st.sigma2.copy()
+        with np.errstate(divide="ignore"):
+            logp = np.log(st.class_frac)
+
+        def groups(b: int):
+            sel = np.nonzero(res.class_index == b)[0]
+            if len(sel) < min_members:
+                return None
+            ll = res.log_likelihood[sel]
+            lab = np.where(ll < np.median(ll), 1, 2)
+            if (lab == 1).all() or (lab == 2).all():
+                return None
+            sub = idx[sel]
+            X = self.estep.prepare_images(
+                self.xp.asarray(self.source.images(sub)),
+                rng=np.random.default_rng([self.params.seed, int(sub[0])]))
+            t0 = time.perf_counter()
+            acc, _ = self.estep.run(refs, X, self.source.ctf(sub), sigma2, logp, lab)
+            self.estep_seconds += time.perf_counter() - t0
+            return acc
+
+        return groups
 
     def _em_iteration(self) -> StepInfo:
         it = self.state.iteration

@@ -167,6 +167,8 @@ class VdamOptimiser:
         # mini-batch index of each class's last replacement (split mode; the 2D driver saves
         # it with its checkpoints)
         self.last_replaced: dict[int, int] = {}
+        # misfit split: how far the children's moments are set along the fit-group difference
+        self.split_gain = 1.0
 
     # -- helpers -----------------------------------------------------------------------------
     def _expand_weight(self, weight):
@@ -197,14 +199,17 @@ class VdamOptimiser:
     # -- VDAM ---------------------------------------------------------------------------------
     def vdam_step(self, state: OptimiserState, acc: Accumulators, step: float, tau_fudge: float,
                   inactivity_threshold: float | None = None,
-                  split_score=None) -> list[tuple[int, int]]:
+                  split_score=None, split_groups: Callable | None = None
+                  ) -> list[tuple[int, int]]:
         """One VDAM update from one mini-batch. Returns the (replaced, source) class pairs.
 
         ``inactivity_threshold`` (rho) switches on inactive-class replacement (middle phase):
         the class with the smallest fraction a, if p_a < rho/K, takes the reference and moments
         of the class b with the largest normalised update, plus b's update; b keeps its old
         reference (``copy``). In ``split`` mode see :meth:`_split_replace`; ``split_score``
-        (K,) then chooses the source class (largest score) instead of the class size.
+        (K,) then chooses the source class (largest score) instead of the class size, and
+        ``split_groups`` (``b -> Accumulators`` or None) makes the split follow b's
+        heterogeneity (``misfit`` split, see :meth:`_split_replace`).
         """
         xp = xp_of(state.refs)
         K = state.n_classes
@@ -250,7 +255,8 @@ class VdamOptimiser:
         if inactivity_threshold is not None and inactivity_threshold > 0 and K > 1:
             if self.replacement == "split":
                 pair = self._split_replace(state, v, new, delta, fx, D1, D2, eta,
-                                           inactivity_threshold, split_score)
+                                           inactivity_threshold, split_score,
+                                           split_groups=split_groups, eps1=eps1)
                 if pair is not None:
                     replaced.append(pair)
             else:
@@ -277,7 +283,8 @@ class VdamOptimiser:
         return replaced
 
     def _split_replace(self, state: OptimiserState, v, new, delta, fx, D1, D2, eta,
-                       rho: float, score=None) -> tuple[int, int] | None:
+                       rho: float, score=None, split_groups: Callable | None = None,
+                       eps1: float = 1e-30) -> tuple[int, int] | None:
         """Split mode: the emptiest class a takes over one half of class b.
 
         With the RELION-4 copy (a <- v_b + delta_b, b keeps v_b) the copy is b's *updated*
@@ -293,6 +300,18 @@ class VdamOptimiser:
         class fits its particles, :func:`compute.vdam.classify2d.class_misfit`), or the
         largest class when ``score`` is None; a is only replaced if it has not been re-seeded
         that recently.
+
+        With ``split_groups`` (the 2D driver's ``split_mode = "misfit"``) the two children
+        differ along b's heterogeneity instead of its half-set noise: ``split_groups(b)``
+        returns accumulators of b's particles in this mini-batch with the half-set slot
+        standing for the fit group (slot 0: the particles that fit b worse than its median,
+        slot 1: the others). With t_w, t_g the two groups' Newton targets v_b + G^ and t their
+        pooled one, a's moments are set to m + f (t_w - t) and b's to m + f (t_g - t), where m
+        is the mean of b's two half-set moments and f its regularised FSC weight per shell
+        (which keeps the low-resolution difference and damps the few particles' noise); the
+        references then take the usual step towards them. So a starts on the side of the
+        particles b explains worst (for a class that holds two molecules, the minority one).
+        Without groups (too few particles) it falls back to the half-set split.
         """
         K = state.n_classes
         it = state.iteration
@@ -314,9 +333,26 @@ class VdamOptimiser:
         if state.class_frac[b] <= 2.0 * state.class_frac[a]:
             return None
         e = float(eta[b])
-        new[a] = v[b] + e * (fx[b] * D1[b] - (1.0 - fx[b]) * v[b])
-        new[b] = v[b] + e * (fx[b] * D2[b] - (1.0 - fx[b]) * v[b])
-        m1, m2 = state.mom1[0, b].copy(), state.mom1[1, b].copy()
+        groups = split_groups(b) if split_groups is not None else None
+        if groups is not None:
+            xp = xp_of(state.refs)
+            Fg = self._expand_weight(xp.asarray(groups.weight)[:, b])      # (2, *fshape)
+            Gg = xp.where(Fg > 0, xp.asarray(groups.data)[:, b], 0.0)
+            tw = Gg[0] / (Fg[0] + eps1)
+            tg = Gg[1] / (Fg[1] + eps1)
+            tp = (Gg[0] + Gg[1]) / (Fg[0] + Fg[1] + eps1)
+            mean = 0.5 * (state.mom1[0, b] + state.mom1[1, b])
+            gain = self.split_gain * fx[b]
+            both = (Fg[0] > 0) & (Fg[1] > 0)
+            m1 = (mean + gain * xp.where(both, tw - tp, 0.0)).astype(np.complex64)
+            m2 = (mean + gain * xp.where(both, tg - tp, 0.0)).astype(np.complex64)
+            denom = xp.sqrt(state.mom2[b] + self.eps2)
+            Da, Db = (m1 - v[b]) / denom, (m2 - v[b]) / denom
+        else:
+            m1, m2 = state.mom1[0, b].copy(), state.mom1[1, b].copy()
+            Da, Db = D1[b], D2[b]
+        new[a] = v[b] + e * (fx[b] * Da - (1.0 - fx[b]) * v[b])
+        new[b] = v[b] + e * (fx[b] * Db - (1.0 - fx[b]) * v[b])
         state.mom1[0, a] = m1
         state.mom1[1, a] = m1
         state.mom1[0, b] = m2

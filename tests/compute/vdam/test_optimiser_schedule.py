@@ -193,3 +193,42 @@ def test_copy_replacement_stays_the_default_for_the_initial_model():
     assert VdamOptimiser(shell, 9).replacement == "copy"
     with pytest.raises(ValueError):
         VdamOptimiser(shell, 9, replacement="steal")
+
+
+def test_misfit_split_moves_the_new_class_towards_the_worse_fitting_group():
+    """With fit-group accumulators (slot 0: the particles b fits worse, slot 1: the others)
+    the new class a starts on the worse group's side and b on the other's; without them
+    (None) the split is the half-set one."""
+    rng, opt, st, target = _three_class_state()
+    st.class_frac = np.array([0.6, 0.3, 0.099, 0.001])
+    other = (rng.standard_normal(target.shape[1:])
+             + 1j * rng.standard_normal(target.shape[1:])).astype(np.complex64) * 10
+    v0 = st.refs[0].copy()
+
+    def groups(b):
+        assert b == 0
+        acc = _acc(st.refs, target, 2.0, rng)
+        acc.data[0, 0] = 2.0 * (other - v0)            # the worse group looks like `other`
+        acc.data[1, 0] = 2.0 * (target[0] - v0)         # the better one like b's reference
+        return acc
+
+    acc = _acc(st.refs, target, 2.0, rng, noise=5.0)
+    acc.class_weight = np.array([[60.0, 30.0, 10.0, 0.0], [60.0, 30.0, 10.0, 0.0]])
+    assert opt.vdam_step(st, acc, 0.9, 1.0, inactivity_threshold=0.1,
+                         split_groups=groups) == [(3, 0)]
+    a, b = st.refs[3], st.refs[0]
+    d = other - target[0]
+    # a moved along (other - target) and b the other way, by the same amount
+    pa = float(np.real(np.vdot(d, a - v0)))
+    pb = float(np.real(np.vdot(d, b - v0)))
+    assert pa > 0.05 * np.vdot(d, d).real and pb < -0.05 * np.vdot(d, d).real
+    assert pa == pytest.approx(-pb, rel=0.3)
+    assert np.allclose(st.mom1[0, 3], st.mom1[1, 3])
+    # no groups for this class (too few particles): the half-set split
+    rng, opt, st, target = _three_class_state()
+    st.class_frac = np.array([0.6, 0.3, 0.099, 0.001])
+    acc = _acc(st.refs, target, 2.0, rng, noise=5.0)
+    acc.class_weight = np.array([[60.0, 30.0, 10.0, 0.0], [60.0, 30.0, 10.0, 0.0]])
+    assert opt.vdam_step(st, acc, 0.9, 1.0, inactivity_threshold=0.1,
+                         split_groups=lambda b: None) == [(3, 0)]
+    assert not np.allclose(st.mom1[0, 3], st.mom1[0, 0])
