@@ -125,11 +125,13 @@ class Refine3DJob(Job):
                 ctx.progress(d, t, f"iteration {it} particles")
 
             info = ref3d.iterate(progress=prog)
-            ctx.info("iteration %d: resolution %.2f A, step %.2f deg (%s), %.0f s, "
-                     "angular change median %.2f / mean %.2f deg, %.0f %% of particles moved",
+            change = ("first orientations" if not np.isfinite(info.angle_change_deg) else
+                      f"angular change median {info.angle_change_deg:.2f} / mean "
+                      f"{info.angle_change_mean_deg:.2f} deg, "
+                      f"{100.0 * info.changed_fraction:.0f} % of particles moved")
+            ctx.info("iteration %d: resolution %.2f A, step %.2f deg (%s), %.0f s, %s",
                      info.iteration, info.resolution_a, info.step_deg,
-                     "local" if info.local else "global", info.seconds, info.angle_change_deg,
-                     info.angle_change_mean_deg, 100.0 * info.changed_fraction)
+                     "local" if info.local else "global", info.seconds, change)
             for h in (1, 2):
                 write_mrc(ctx.path(f"run_it{info.iteration:03d}_half{h}_class001.mrc"),
                           ref3d.refs[h - 1], pixel_size_a=px)

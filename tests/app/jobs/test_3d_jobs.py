@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -104,7 +106,8 @@ def test_inimodel3d_job_abort(tmp_path, sim):
 
 
 @pytest.mark.slow
-def test_refine3d_job_outputs(tmp_path, sim):
+def test_refine3d_job_outputs(tmp_path, sim, caplog):
+    caplog.set_level(logging.INFO, logger="scopeside.job")
     star, px = _project(tmp_path, sim)
     truth = density_map(molecule("asym"), BOX, px)
     write_mrc(tmp_path / "ref.mrc", truth, pixel_size_a=px)
@@ -130,6 +133,10 @@ def test_refine3d_job_outputs(tmp_path, sim):
     assert claimed < 5 * px
     data = read_star(job / "run_data.star")["particles"]
     assert len(data) == 300 and set(data["rlnRandomSubset"]) == {1, 2}
+    # the log says how many particles changed orientation, not only the (grid-bound) median
+    log = caplog.text
+    assert "iteration 1: " in log and "first orientations" in log
+    assert "% of particles moved" in log and "nan" not in log
 
 
 def test_refine3d_job_bad_reference(tmp_path, sim):
