@@ -321,11 +321,17 @@ class Schemer:
             result = RunResult("failed", str(exc), self.visited)
             if self.scheme is not None and self._dirty:
                 self._save()
+        except BaseException:
+            lock.release()
+            raise
+        # the exit marker is written before the lock goes, so whoever sees the scheme stopped
+        # (no live lock) also sees why it stopped
+        try:
+            marker = {"finished": SUCCESS, "failed": FAILURE, "aborted": ABORTED}[result.state]
+            (self.dir / marker).write_text(result.message + "\n", encoding="utf-8")
+            (self.dir / ABORT_NOW).unlink(missing_ok=True)
         finally:
             lock.release()
-        marker = {"finished": SUCCESS, "failed": FAILURE, "aborted": ABORTED}[result.state]
-        (self.dir / marker).write_text(result.message + "\n", encoding="utf-8")
-        (self.dir / ABORT_NOW).unlink(missing_ok=True)
         log.info("scheme %s %s: %s", self.name, result.state, result.message)
         self._emit("state", detail=result.state)
         if result.state != "aborted":

@@ -91,6 +91,34 @@ def test_abort_during_wait_stops_within_seconds(project):
     assert api.status(project, "t")["state"] == "aborted"
 
 
+def test_exit_marker_is_written_before_the_lock_goes(project, monkeypatch):
+    """A monitor that sees the scheme stopped (no live lock) must also see why (the marker):
+    the GUI once showed 'stopped' without 'aborted' for one refresh."""
+    from app.schemes import schemer as schemer_mod
+
+    make_scheme(project, "t", floats={"wait_sec": 60},
+                operators={"WAIT": ("wait", U, "wait_sec", U)},
+                jobs={"job": ("new", "test.quick", {})},
+                edges=[("WAIT", "job"), ("job", "WAIT")])
+    seen: list[tuple[bool, str]] = []
+    release = schemer_mod.SchemeLock.release
+
+    def spy(self) -> None:
+        st = api.status(project, "t")
+        seen.append(((project / "Schemes/t/RELION_JOB_EXIT_ABORTED").exists(), st["state"]))
+        release(self)
+
+    monkeypatch.setattr(schemer_mod.SchemeLock, "release", spy)
+    schemer = Schemer(project, "t", InlineExecutor(), poll_s=0.05)
+    th, box = in_thread(schemer)
+    wait_for(lambda: schemer.visited.count("WAIT") >= 2, what="the second WAIT")
+    api.abort(project, "t")
+    th.join(10)
+    assert box["res"].state == "aborted"
+    assert seen == [(True, "running")]
+    assert api.status(project, "t")["state"] == "aborted"
+
+
 @pytest.mark.parametrize("behaviour", ["hang", "hang_ignore_abort"])
 def test_abort_during_job_and_second_schemer_refused(project, behaviour):
     control(project, behaviour={"test.quick": behaviour})
