@@ -167,6 +167,32 @@ class InstrumentConfig(BaseModel):
                     return key, self.resolved_detector(key)
         return None
 
+    def detector_by_size(self, width: int | None, height: int | None) -> tuple[str, Detector] | None:
+        """The one detector model whose physical size (either orientation, or its
+        super-resolution double, or half of it) is ``width`` x ``height``.
+
+        For cameras the software names only generically (EPU 2.x writes ``EF-CCD`` for a K2
+        and a K3 behind an energy filter). ``None`` when no model or more than one fits (the
+        Falcons share 4096 x 4096, so size never tells them apart).
+        """
+        if not width or not height:
+            return None
+        hits: dict[str, str] = {}
+        for key in self.detector_order or list(self.detectors):
+            if key not in self.detectors:
+                continue
+            det = self.resolved_detector(key)
+            if not (det.physical_width and det.physical_height):
+                continue
+            pw, ph = det.physical_width, det.physical_height
+            sizes = {(pw * f, ph * f) for f in (0.5, 1, det.super_resolution_factor or 1)}
+            if {(width, height), (height, width)} & sizes:
+                hits.setdefault(det.model or key, key)
+        if len(hits) != 1:
+            return None
+        key = next(iter(hits.values()))
+        return key, self.resolved_detector(key)
+
     def resolved_detector(self, key: str) -> Detector:
         """A detector with ``same_as`` inheritance applied."""
         det = self.detectors[key]
@@ -259,6 +285,10 @@ def load_instruments(site_path: str | Path | None = None, *, shipped: bool = Tru
     return cfg
 
 
+#: camera names that say nothing about the model (EPU 2.x: "EF-CCD" behind an energy filter)
+_GENERIC_CAMERA = re.compile(r"^((EF|BM)[-_ ]?)?(CCD|camera)$", re.IGNORECASE)
+
+
 def apply_config(record: MovieRecord, cfg: InstrumentConfig) -> MovieRecord:
     """Complete a record from the instrument config (Cs, microscope name, detector model).
 
@@ -279,23 +309,38 @@ def apply_config(record: MovieRecord, cfg: InstrumentConfig) -> MovieRecord:
             read["cs_mm"] = (mic["cs_mm"], f"{cfg_src}:{mic['key']}.cs_mm")
         if mic.get("name") and not mic.get("guessed"):
             read["microscope"] = (mic["name"], f"{cfg_src}:{mic['key']}.name")
+    derived: dict[str, tuple[Any, str]] = {}
     found = cfg.detector([record.detector_commercial_name, record.camera_name, record.detector],
                          eer=record.eer, frame_rate_hz=record.eer_frame_rate_hz)
+    names = [n for n in (record.detector_commercial_name, record.camera_name) if n]
+    by_size = None
+    if found is None and record.detector is None and all(_GENERIC_CAMERA.match(n) for n in names):
+        by_size = cfg.detector_by_size(record.readout_width, record.readout_height)
     if found is not None:
         key, det = found
         if det.model and (record.detector is None or record.detector == record.camera_name):
             read["detector"] = (det.model, f"{cfg_src}:detectors.{key}.match")
+    elif by_size is not None and by_size[1].model:
+        key, det = by_size
+        size = f"{record.readout_width}x{record.readout_height}"
+        derived["detector"] = (det.model, f"readout area {size} = {cfg_src}:detectors.{key} "
+                                          "physical size")
+        warnings.append(f"camera {' / '.join(names) or '(not named)'} is not in the config; "
+                        f"detector {det.model} taken from the readout area {size} — check it")
     elif record.detector is None:
-        names = [n for n in (record.detector_commercial_name, record.camera_name) if n]
         warnings.append(f"unknown detector {' / '.join(names) or '(none recorded)'}: "
                         "add it to the site config or enter it")
-    return update_record(record, read=read, warnings=warnings)
+    return update_record(record, read=read, derived=derived, warnings=warnings)
 
 
 def detector_for(record: MovieRecord, cfg: InstrumentConfig) -> Detector | None:
-    """The configured :class:`Detector` of a record (gain rule, MTF, rotation/flip), if any."""
+    """The configured :class:`Detector` of a record (gain rule, MTF, rotation/flip), if any:
+    by name, else (for generic camera names) by the readout area's size."""
     found = cfg.detector([record.detector_commercial_name, record.camera_name, record.detector],
                          eer=record.eer, frame_rate_hz=record.eer_frame_rate_hz)
+    names = [n for n in (record.detector_commercial_name, record.camera_name) if n]
+    if found is None and all(_GENERIC_CAMERA.match(n) for n in names):
+        found = cfg.detector_by_size(record.readout_width, record.readout_height)
     return found[1] if found else None
 
 

@@ -23,7 +23,13 @@ from pathlib import Path
 from lxml import etree
 
 from metadata.errors import MetadataError
-from metadata.record import MovieRecord, RecordBuilder, SessionRecord, fill_dose_per_frame
+from metadata.record import (
+    MovieRecord,
+    RecordBuilder,
+    SessionRecord,
+    check_pixel_vs_magnification,
+    fill_dose_per_frame,
+)
 
 NS_SO = "http://schemas.datacontract.org/2004/07/Fei.SharedObjects"
 NS_ARR = "http://schemas.microsoft.com/2003/10/Serialization/Arrays"
@@ -404,6 +410,7 @@ def _movie_from_root(root: etree._Element, p: Path, name: EpuName) -> MovieRecor
         b.derive("super_resolution", mode == "super-resolution",
                  "SuperResolutionFactor>1 and Binning<SuperResolutionFactor")
     fill_dose_per_frame(b)
+    check_pixel_vs_magnification(b, b.get("binning"))
     return b.build()
 
 

@@ -31,7 +31,12 @@ from pathlib import Path, PurePath, PureWindowsPath
 from typing import Any
 
 from metadata.errors import MetadataError
-from metadata.record import MovieRecord, RecordBuilder, fill_dose_per_frame
+from metadata.record import (
+    MovieRecord,
+    RecordBuilder,
+    check_pixel_vs_magnification,
+    fill_dose_per_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,10 @@ class MdocFile:
     parser: str  # "mdocfile" or "own (<reason>)"
     cameras: dict[int, str] = field(default_factory=dict)
     n_montage_sections: int = 0
+    #: frame-based tilt series: the ``[ZValue]`` sections that are frame ranges of the
+    #: ``[FrameSet]`` movie (``FrameTSStartEndFrames``), as ``{"z", "tilt_angle_deg",
+    #: "first_frame", "last_frame", "dose_e_a2", "prior_dose_e_a2"}``; empty otherwise
+    frame_tilts: list[dict[str, float | int | None]] = field(default_factory=list)
 
     @property
     def is_frame_mdoc(self) -> bool:
@@ -73,7 +82,16 @@ class MdocFile:
 
 
 def decode_text(data: bytes, path: str | Path | None = None) -> str:
-    """Decode mdoc bytes: UTF-8 first, else Windows cp1252, else latin-1 (never fails)."""
+    """Decode mdoc bytes: UTF-16 with a byte-order mark (Notepad's "Unicode"), else UTF-8
+    (with or without BOM), else Windows cp1252, else latin-1 (never fails)."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            raise MetadataError("starts with a UTF-16 byte-order mark but is not valid UTF-16",
+                                path) from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
     if b"\x00" in data[:4096]:
         raise MetadataError("binary file (NUL bytes), not a text mdoc", path)
     for enc in ("utf-8", "cp1252"):
@@ -318,14 +336,44 @@ def parse_mdoc(path: str | Path, data: bytes | None = None) -> MdocFile:
 
     # [MontSection = n] sections of a montage describe the assembled overview, not images
     image_sections = [(k, v) for k, v in raw_sections if k != "MontSection"] or raw_sections
+    # a frame-based tilt series (SerialEM 4.1+): one [FrameSet] movie whose tilts are
+    # [ZValue] sections holding frame ranges of it, not movies of their own
+    frame_tilts: list[dict[str, float | int | None]] = []
+    if any(k == "FrameSet" for k, _ in image_sections):
+        ranges = [(k, v) for k, v in image_sections
+                  if k == "ZValue" and v.get("FrameTSStartEndFrames") and not v.get("SubFramePath")]
+        if ranges:
+            for _, v in ranges:
+                se = v["FrameTSStartEndFrames"].split()
+                try:
+                    first, last = int(float(se[0])), int(float(se[1]))
+                except (IndexError, ValueError):
+                    raise MetadataError("FrameTSStartEndFrames: not 'first last' frame numbers "
+                                        f"({v['FrameTSStartEndFrames'][:40]!r})", p) from None
+                frame_tilts.append({"z": v.get("ZValue"), "tilt_angle_deg": _f(v, "TiltAngle", p),
+                                    "first_frame": first, "last_frame": last,
+                                    "dose_e_a2": _f(v, "ExposureDose", p),
+                                    "prior_dose_e_a2": _f(v, "PriorRecordDose", p)})
+            image_sections = [(k, v) for k, v in image_sections
+                              if not any(v is r for _, r in ranges)]
     records = []
     for kind, vals in image_sections:
-        records.append(_section_record(p, kind, vals, glob, software, version, d_number,
-                                       microscope, cameras, date_text))
+        rec = _section_record(p, kind, vals, glob, software, version, d_number,
+                              microscope, cameras, date_text)
+        if frame_tilts and kind == "FrameSet":
+            angles = [t["tilt_angle_deg"] for t in frame_tilts if t["tilt_angle_deg"] is not None]
+            span = ("" if not angles else f", tilt {angles[0]:g} deg" if min(angles) == max(angles)
+                    else f", tilts {min(angles):g} to {max(angles):g} deg")
+            rec = rec.model_copy(update={"warnings": [*rec.warnings, (
+                f"frame-based tilt series: {len(frame_tilts)} tilts recorded as frame ranges of "
+                f"this one movie (FrameTSStartEndFrames{span}); single-particle processing "
+                "would treat it as one untilted movie")]})
+        records.append(rec)
     return MdocFile(path=p, software=software, software_version=version, scope_label=scope_label,
                     microscope_id=d_number, titles=titles, global_data=glob, sections=records,
                     section_kind=image_sections[0][0], parser=parser, cameras=cameras,
-                    n_montage_sections=len(raw_sections) - len(image_sections))
+                    n_montage_sections=len(raw_sections) - len(image_sections) - len(frame_tilts),
+                    frame_tilts=frame_tilts)
 
 
 def _section_record(p: Path, kind: str, vals: dict[str, str], glob: dict[str, str], software,
@@ -367,6 +415,26 @@ def _section_record(p: Path, kind: str, vals: dict[str, str], glob: dict[str, st
     b.read("binning", binning, key("Binning"))
     if binning is not None:
         b.derive("super_resolution", binning < 1.0, "Binning<1")
+    sfp = vals.get("SubFramePath")
+    stack_px = b.get("pixel_size_a")
+    if sfp and binning is not None and binning > 1.0 and stack_px is not None:
+        # PixelSpacing belongs to the binned image in the stack; SerialEM saves a K2/K3's
+        # frames unbinned (counting) or in super-resolution, so the frames' pixel is
+        # PixelSpacing/Binning (or half of it: the movie's frame size settles that)
+        b.derive("pixel_size_a", stack_px / binning,
+                 f"PixelSpacing/Binning ({stack_px:g} A of the bin-{binning:g} image)")
+        b.warn(f"the mdoc's pixel size {stack_px:g} A is of the bin-{binning:g} image; the "
+               f"frames are taken as unbinned ({stack_px / binning:g} A/px) — check it, or "
+               "let the movie's frame size settle it")
+        size = (glob.get("ImageSize") or vals.get("ImageSize") or "").split()
+        if len(size) == 2:
+            try:
+                w, h = (int(round(float(x) * binning)) for x in size)
+            except ValueError:
+                w = h = 0
+            if w > 0 and h > 0:
+                b.derive("readout_width", w, "ImageSize*Binning")
+                b.derive("readout_height", h, "ImageSize*Binning")
     t = _f(vals, "ExposureTime", p)
     b.read("exposure_time_s", t if t and t > 0 else None, key("ExposureTime"))
     b.read("tilt_angle_deg", _f(vals, "TiltAngle", p), key("TiltAngle"))
@@ -393,13 +461,21 @@ def _section_record(p: Path, kind: str, vals: dict[str, str], glob: dict[str, st
             b.read("dose_per_frame_e_a2", fdn[0][0], key("FrameDosesAndNumber"))
         if b.get("total_dose_e_a2") is None:
             b.derive("total_dose_e_a2", sum(d * c for d, c in fdn), "FrameDosesAndNumber")
-    if b.get("total_dose_e_a2") is None and rate and t and b.get("pixel_size_a"):
+    if b.get("total_dose_e_a2") is None and rate and t and stack_px:
         # DoseRate is electrons per *unbinned* camera pixel per second; PixelSpacing is for
         # the binned image, so the unbinned pixel is PixelSpacing / Binning.
-        unbinned = b.get("pixel_size_a") / (binning if binning else 1.0)
+        unbinned = stack_px / (binning if binning else 1.0)
         b.derive("total_dose_e_a2", rate * t / unbinned**2,
                  "DoseRate*ExposureTime/(PixelSpacing/Binning)^2")
     fill_dose_per_frame(b)
+    check_pixel_vs_magnification(b, binning if b.get("pixel_size_a") == stack_px else None)
+    if fdn and all(d > 0 for d, _ in fdn) and "total_dose_e_a2" not in b.derived:
+        total, from_frames = b.get("total_dose_e_a2"), sum(d * c for d, c in fdn)
+        if total and abs(from_frames - total) > 0.1 * total:
+            b.warn(f"ExposureDose {total:g} e/A^2 disagrees with FrameDosesAndNumber "
+                   f"({from_frames:.4g} e/A^2 over {sum(c for _, c in fdn)} frames); dose "
+                   f"weighting will use {b.get('dose_per_frame_e_a2'):.4g} e/A^2 per frame "
+                   "— check which is right")
     # defocus: the target is what the operator set; Defocus is the scope reading
     td = _f(vals, "TargetDefocus", p)
     if td is not None:
@@ -410,7 +486,6 @@ def _section_record(p: Path, kind: str, vals: dict[str, str], glob: dict[str, st
     gain = vals.get("GainReference")
     b.read("gain_reference", gain or None, key("GainReference"))
     b.read("defect_file", vals.get("DefectFile") or None, key("DefectFile"))
-    sfp = vals.get("SubFramePath")
     b.read("sub_frame_path", sfp or None, key("SubFramePath"))
     movie = _movie_path_for(p, kind, sfp)
     if movie is not None:

@@ -231,3 +231,22 @@ def fill_dose_per_frame(b: RecordBuilder) -> None:
     n = b.get("n_frames")
     if b.get("dose_per_frame_e_a2") is None and total is not None and n:
         b.derive("dose_per_frame_e_a2", total / n, "total_dose_e_a2/n_frames")
+
+
+#: pixel size x nominal magnification at the camera, per unbinned camera pixel, in um: real
+#: cameras and projector/energy-filter magnifications give ~1.5-25 (K2 super-resolution on a
+#: Polara 1.6, Falcon 3 on a Krios 8, K3 behind a GIF 9-17); a value far outside means one
+#: of the two numbers is off (a 10x pixel-size error gives 120)
+CAMERA_PIXEL_UM = (0.8, 60.0)
+
+
+def check_pixel_vs_magnification(b: RecordBuilder, binning: float | None = None) -> None:
+    """Warn when pixel size x magnification cannot be a real camera pixel (shared rule)."""
+    px, mag = b.get("pixel_size_a"), b.get("magnification")
+    if not px or not mag:
+        return
+    um = px * 1e-4 * mag / (binning if binning and binning >= 1 else 1.0)
+    lo, hi = CAMERA_PIXEL_UM
+    if not lo <= um <= hi:
+        b.warn(f"pixel size {px:.4g} A at {mag}x magnification puts {um:.3g} um on a camera "
+               f"pixel (real cameras: {lo:g}-{hi:g} um): check the pixel size and magnification")

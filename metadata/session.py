@@ -145,7 +145,8 @@ def epu_data_dirs(root: Path) -> list[tuple[Path, int]]:
 
 
 def index_epu_session(root: str | Path, *, movie_roots: Iterable[str | Path] = (),
-                      path_map: Mapping[str, str | Path] | None = None) -> SessionIndex:
+                      path_map: Mapping[str, str | Path] | None = None,
+                      session_file: str | Path | None = None) -> SessionIndex:
     """Discover an EPU session: movie XMLs, their movies, and what does not pair up.
 
     Parameters
@@ -157,6 +158,8 @@ def index_epu_session(root: str | Path, *, movie_roots: Iterable[str | Path] = (
         The ``EpuSession.dm`` storage folders, through ``path_map``, are added automatically.
     path_map
         Windows prefix → local folder (see :func:`map_windows_path`).
+    session_file
+        The session file when it is not ``root/EpuSession.dm`` (e.g. a copy saved as .xml).
 
     Raises
     ------
@@ -166,7 +169,7 @@ def index_epu_session(root: str | Path, *, movie_roots: Iterable[str | Path] = (
     root = Path(root)
     if not root.is_dir():
         raise MetadataError("not a folder", root)
-    dm_path = root / "EpuSession.dm"
+    dm_path = Path(session_file) if session_file is not None else root / "EpuSession.dm"
     data_dirs = epu_data_dirs(root)
     if not dm_path.exists() and not data_dirs:
         raise MetadataError("not an EPU session folder (no EpuSession.dm, no Images-Disc*/GridSquare_*)",
@@ -270,13 +273,30 @@ def index_serialem_folder(root: str | Path) -> SessionIndex:
     return idx
 
 
+_SESSION_ROOT = re.compile(rb"<(?:[\w.-]+:)?EpuSessionXml[\s/>]")
+
+
+def is_epu_session_file(path: str | Path) -> bool:
+    """True when a file's root element is ``EpuSessionXml`` (an EpuSession.dm, whatever its
+    name: MDCatch and others keep copies as ``EpuSession.xml``). Reads the first 4 KB only."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        head = head.decode("utf-16", errors="ignore").encode("utf-8")
+    return _SESSION_ROOT.search(head) is not None
+
+
 def open_session(path: str | Path, *, movie_roots: Iterable[str | Path] = (),
                  path_map: Mapping[str, str | Path] | None = None) -> SessionIndex:
     """Index an EPU session (folder or its ``EpuSession.dm``) or a folder of mdocs."""
     p = Path(path)
-    if p.is_file() and p.name.lower().endswith(".dm"):
+    if p.is_file() and (p.name.lower().endswith(".dm") or is_epu_session_file(p)):
         epu.parse_session_dm(p)  # a clear error if it is not one
-        return index_epu_session(p.parent, movie_roots=movie_roots, path_map=path_map)
+        return index_epu_session(p.parent, movie_roots=movie_roots, path_map=path_map,
+                                 session_file=p)
     if not p.exists():
         raise MetadataError("no such file or folder", p)
     if not p.is_dir():
@@ -341,7 +361,7 @@ def read_any(path: str | Path, *, cfg: InstrumentConfig | None = None,
     if not p.exists():
         raise MetadataError("no such file or folder", p)
     suffix = p.suffix.lower()
-    if p.is_dir() or suffix == ".dm":
+    if p.is_dir() or suffix == ".dm" or (suffix == ".xml" and is_epu_session_file(p)):
         idx = open_session(p, movie_roots=movie_roots, path_map=path_map)
         first = item_record(idx.items[0], cfg=cfg) if idx.items else None
         if not idx.items:
@@ -407,6 +427,12 @@ def session_summary(session: SessionRecord, first: MovieRecord | None) -> dict:
     if first is not None:
         for k, v in first.to_json_dict().items():
             if k in ("source", "derived"):
+                continue
+            if k == "software_version" and v and out.get(k) and v != out[k]:
+                # the movie XML's ApplicationSoftwareVersion is EPU's own version; the
+                # session file's is its persistence assembly's (EPU 2.3.0.79 writes 1.12.0.79)
+                out["session_file_version"] = out[k]
+                out[k] = v
                 continue
             if k in ("software", "software_version") and out.get(k) is not None:
                 continue  # the session file's value stands

@@ -48,7 +48,12 @@ def test_sample_tilt_series(samples_dir):
     r = m.sections[0]
     assert r.voltage_kv is None  # the file has no Voltage line
     assert r.total_dose_e_a2 is None  # ExposureDose = 0 and no DoseRate
-    assert r.pixel_size_a == 5.4 and r.binning == 4 and r.n_frames == 8
+    # PixelSpacing 5.4 belongs to the bin-4 stack image (ImageSize 924 x 958); the frames
+    # (SubFramePath) are unbinned: 1.35 A (EMPIAR-10164's pixel size), flagged as derived
+    assert r.pixel_size_a == pytest.approx(1.35) and r.binning == 4 and r.n_frames == 8
+    assert "pixel_size_a" in r.derived and "PixelSpacing/Binning" in r.source["pixel_size_a"]
+    assert (r.readout_width, r.readout_height) == (3696, 3832)
+    assert any("bin-4 image" in w for w in r.warnings)
     assert r.acquired_at == dt.datetime(2015, 11, 30, 15, 21, 38)
     assert m.sections[1].tilt_angle_deg == pytest.approx(3.00113)
 
@@ -171,3 +176,105 @@ def test_tomography5_header_version_and_instrument(tmp_path):
     assert r.pixel_size_a == pytest.approx(2.13)  # from the header: sections have no PixelSpacing
     assert r.total_dose_e_a2 == pytest.approx(3.1) and r.tilt_angle_deg == pytest.approx(2.86)
     assert r.movie_path.endswith("Position_3_002_2.86_20250113_171617_EER.eer")
+
+
+# --- shapes of real mdocs found in public repositories (written here from scratch) ---------
+
+_BINNED_TS = """PixelSpacing = 5.4
+ImageFile = ts.mrc
+ImageSize = 100 120
+DataMode = 1
+
+[T = SerialEM: Digitized on a Krios   binning = 4    30-Nov-15  15:21:38    ]
+
+[ZValue = 0]
+TiltAngle = 0.0
+Magnification = 105000
+ExposureDose = 0
+PixelSpacing = 5.4
+Binning = 4
+SubFramePath = D:\\DATA\\frames\\ts_000_0.0.mrc
+NumSubFrames = 8
+DateTime = 30-Nov-15  15:21:38
+"""
+
+
+@pytest.mark.parametrize("frame_size, expect_px, expect_sr", [
+    ((400, 480), 1.35, False),    # frames unbinned (counting): ImageSize x Binning
+    ((800, 960), 0.675, True),    # super-resolution frames: half again
+])
+def test_binned_tilt_series_frames_pixel_size(tmp_path, frame_size, expect_px, expect_sr):
+    """PixelSpacing of a bin-4 stack image is not the frames' pixel size (EMPIAR-10164-like)."""
+    from metadata.session import read_any
+
+    p = tmp_path / "ts.mrc.mdoc"
+    p.write_text(_BINNED_TS)
+    r = mdoc.parse_mdoc(p).sections[0]
+    assert r.pixel_size_a == pytest.approx(1.35) and "pixel_size_a" in r.derived
+    assert any("bin-4 image" in w for w in r.warnings)
+    synth.write_movie_stub(tmp_path / "ts_000_0.0.mrc", n_frames=8, shape=frame_size[::-1])
+    settled = read_any(p).record
+    assert settled.pixel_size_a == pytest.approx(expect_px)
+    assert bool(settled.super_resolution) is expect_sr
+    assert settled.movie_path == str(tmp_path / "ts_000_0.0.mrc")
+
+
+def test_binned_image_without_frames_keeps_its_pixel_size(tmp_path):
+    p = tmp_path / "ts.mrc.mdoc"
+    p.write_text(_BINNED_TS.replace("SubFramePath = D:\\DATA\\frames\\ts_000_0.0.mrc\n", ""))
+    r = mdoc.parse_mdoc(p).sections[0]
+    assert r.pixel_size_a == 5.4 and "pixel_size_a" not in r.derived and not r.warnings
+
+
+_FRAME_TS = """T = SerialEM: UMass Krios    08-Oct-21  07:46:46
+Voltage = 300
+
+[FrameSet = 0]
+TiltAngle = 33
+PixelSpacing = 1.28
+Binning = 0.5
+ExposureDose = {total}
+NumSubFrames = 36
+FrameDosesAndNumber = 0.5 36
+SubFramePath = X:\\frames\\s_01_33.0.tif
+DateTime = 08-Oct-21  07:46:46
+"""
+
+
+def test_frame_based_tilt_series_is_one_movie(tmp_path):
+    """SerialEM's frame-based tilt series: [ZValue] sections are frame ranges of the movie."""
+    text = _FRAME_TS.format(total=18.0)
+    for z, (tilt, first) in enumerate(((33, 0), (30, 12), (27, 24))):
+        text += (f"\n[ZValue = {z}]\nTiltAngle = {tilt}\nExposureDose = 6\n"
+                 f"PriorRecordDose = {6 * z}\nFrameTSStartEndFrames = {first} {first + 11}\n")
+    p = tmp_path / "s_01_33.0.tif.mdoc"
+    p.write_text(text)
+    m = mdoc.parse_mdoc(p)
+    assert len(m.sections) == 1 and m.section_kind == "FrameSet" and m.n_montage_sections == 0
+    assert [(t["tilt_angle_deg"], t["first_frame"], t["last_frame"]) for t in m.frame_tilts] == \
+        [(33, 0, 11), (30, 12, 23), (27, 24, 35)]
+    assert m.frame_tilts[2]["prior_dose_e_a2"] == 12 and m.frame_tilts[2]["dose_e_a2"] == 6
+    r = m.sections[0]
+    assert r.n_frames == 36 and r.dose_per_frame_e_a2 == 0.5
+    assert any("frame-based tilt series: 3 tilts" in w and "27 to 33" in w for w in r.warnings)
+    assert not any("disagrees" in w for w in r.warnings)  # 0.5 x 36 = 18 = ExposureDose
+
+
+def test_exposure_dose_disagreeing_with_frame_doses_warns(tmp_path):
+    p = tmp_path / "m.tif.mdoc"
+    p.write_text(_FRAME_TS.format(total=29.1))
+    r = mdoc.parse_mdoc(p).sections[0]
+    assert r.total_dose_e_a2 == 29.1 and r.dose_per_frame_e_a2 == 0.5
+    assert any("ExposureDose 29.1 e/A^2 disagrees with FrameDosesAndNumber (18 e/A^2 over 36"
+               in w for w in r.warnings)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
+def test_unicode_mdoc_with_byte_order_mark(tmp_path, encoding):
+    """Windows Notepad saves "Unicode" as UTF-16 with a BOM; both BOM kinds read like UTF-8."""
+    plain = mdoc.parse_mdoc(synth.write_mdoc(tmp_path / "a.mdoc")).sections[0]
+    p = synth.write_mdoc(tmp_path / "b.mdoc", encoding=encoding)
+    assert p.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff", b"\xef\xbb")
+    r = mdoc.parse_mdoc(p).sections[0]
+    assert (r.pixel_size_a, r.n_frames, r.total_dose_e_a2, r.acquired_at) == \
+        (plain.pixel_size_a, plain.n_frames, plain.total_dose_e_a2, plain.acquired_at)

@@ -143,3 +143,40 @@ def test_eer_metadata_tag(tmp_path):
     rec = movies.record_from_movie(p)
     assert rec.eer is True and rec.exposure_time_s == 2.5
     assert rec.total_dose_e_a2 == pytest.approx(27.556 / 0.83**2) and "total_dose_e_a2" in rec.derived
+
+
+@pytest.mark.parametrize("size, expect", [
+    ((5760, 4092), "K3"), ((11520, 8184), "K3"), ((3838, 3710), "K2"), ((3710, 3838), "K2"),
+    ((4096, 4096), None),   # Falcon 3 / 4 / 4i share the size: never guessed
+    ((1000, 1000), None)])
+def test_generic_camera_name_detector_from_readout_size(tmp_path, size, expect):
+    """EPU 2.x names a K2 or K3 behind an energy filter only "EF-CCD"; the readout area's
+    size tells which (a derived value with a warning)."""
+    cfg = config.load_instruments()
+    rec = config.apply_config(epu.parse_movie_xml(synth.write_epu_movie_xml(
+        tmp_path / "a.xml", camera_name="EF-CCD", readout_width=size[0],
+        readout_height=size[1])), cfg)
+    assert rec.detector == expect
+    if expect:
+        assert "detector" in rec.derived and "readout area" in rec.source["detector"]
+        assert any(f"detector {expect} taken from the readout area" in w for w in rec.warnings)
+        assert config.detector_for(rec, cfg).model == expect
+    else:
+        assert any("unknown detector EF-CCD" in w for w in rec.warnings)
+
+
+def test_named_camera_is_never_overridden_by_size(tmp_path):
+    cfg = config.load_instruments()
+    rec = config.apply_config(epu.parse_movie_xml(synth.write_epu_movie_xml(
+        tmp_path / "a.xml", camera_name="BM-Ceta", readout_width=5760, readout_height=4092)), cfg)
+    assert rec.detector is None and any("unknown detector BM-Ceta" in w for w in rec.warnings)
+
+
+@pytest.mark.parametrize("px, mag, warned", [(1.06, 105000, False), (11.3, 105000, True),
+                                             (0.5, 31000, False), (656.0, 135, False),
+                                             (0.05, 105000, True)])
+def test_pixel_size_and_magnification_cross_check(tmp_path, px, mag, warned):
+    rec = epu.parse_movie_xml(synth.write_epu_movie_xml(tmp_path / "a.xml", pixel_size_a=px,
+                                                        magnification=mag))
+    assert any("check the pixel size and magnification" in w for w in rec.warnings) is warned
+    assert rec.pixel_size_a == pytest.approx(px)  # faithful to the file either way

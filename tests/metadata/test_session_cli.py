@@ -176,3 +176,30 @@ def test_cli_subprocess_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "app.cli", "metadata", str(tmp_path)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_session_file_saved_as_xml_reads_as_session(tmp_path, capsys):
+    """MDCatch and others keep EpuSession.dm copies as .xml: the root element decides."""
+    p = synth.write_epu_session_dm(tmp_path / "EpuSession-copy.xml", name="copy_session",
+                                   epu_version="2.3.0.79")
+    assert session.is_epu_session_file(p)
+    assert not session.is_epu_session_file(synth.write_epu_movie_xml(tmp_path / "m.xml"))
+    res = session.read_any(p)
+    assert res.kind == "epu-session" and res.session.name == "copy_session"
+    assert res.session.session_file == str(p)
+    assert run(["metadata", str(p)]) == 0
+    assert "session_name = copy_session" in capsys.readouterr().out
+
+
+def test_summary_takes_epu_version_from_the_movie_xml(epu_session):
+    """EpuSession.dm's z:Assembly is the persistence assembly's version (EPU 2.3.0.79 wrote
+    1.12.0.79); the movie XML's ApplicationSoftwareVersion is EPU's own."""
+    tmp, _ = epu_session
+    res = session.read_any(tmp / "sess", movie_roots=[tmp / "store" / "sess"])
+    res.session.software_version = "1.12.0.79"
+    first = res.record.model_copy(update={"software_version": "2.3.0.79"})
+    out = session.session_summary(res.session, first)
+    assert out["software_version"] == "2.3.0.79" and out["session_file_version"] == "1.12.0.79"
+    same = session.session_summary(res.session, first.model_copy(
+        update={"software_version": "1.12.0.79"}))
+    assert same["software_version"] == "1.12.0.79" and "session_file_version" not in same
