@@ -238,7 +238,8 @@ def confirm_settings(cfg: DemoConfig, session: Path, n_truth_particles: int):
             values["gain_reference"] = g.resolve()
             prov["gain_reference"] = f"metadata: {src.get('gain_reference', 'record')}"
     if "gain_reference" not in values:
-        for cand in (session / "gain_reference.mrc", *session.glob("CountRef_*.mrc")):
+        for cand in (session / "gain_reference.mrc", *session.glob("CountRef_*.mrc"),
+                     *session.glob("CountRef_*.dm4")):
             if cand.exists():
                 values["gain_reference"] = cand.resolve()
                 prov["gain_reference"] = "operator (file in the session folder)"

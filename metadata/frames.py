@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 MRC_SUFFIXES = (".mrc", ".mrcs", ".st")
 TIFF_SUFFIXES = (".tif", ".tiff")
+DM_SUFFIXES = (".dm4", ".dm3")  # Gatan DigitalMicrograph (gain references)
 EER_SUFFIXES = (".eer",)
 
 
@@ -263,13 +264,19 @@ def _eer_page(page, upsampling: int) -> np.ndarray:
 
 
 def read_gain(path: str | Path) -> np.ndarray:
-    """A gain reference as float32 (MRC, or TIFF incl. EER ``.gain``); a 3D file uses slice 0."""
+    """A gain reference as float32 (MRC; TIFF incl. EER ``.gain``; Gatan ``.dm4``/``.dm3``, as
+    SerialEM copies a K2/K3's ``CountRef_*.dm4``); a 3D file uses slice 0."""
     p = Path(path)
     if not p.is_file():
         raise MetadataError("gain reference not found", p)
     suf = p.suffix.lower()
     try:
-        if suf in MRC_SUFFIXES:
+        if suf in DM_SUFFIXES:
+            from ncempy.io import dm  # noqa: PLC0415 - only needed for Gatan files
+
+            with dm.fileDM(str(p), on_memory=True) as f:
+                g = np.array(f.getDataset(0)["data"], dtype=np.float32)
+        elif suf in MRC_SUFFIXES:
             with mrcfile.open(p, permissive=True) as m:
                 if m.data is None:
                     raise MetadataError("gain reference has no data (truncated?)", p)

@@ -17,6 +17,8 @@ Public API
 - :func:`epu_movie_stem` : the EPU name of one acquisition (``FoilHole_<hole>_Data_…``)
 - :func:`mdoc_text` / :func:`write_mdoc` : SerialEM / Tomography 5 mdoc variants
 - :func:`write_movie_stub` : a tiny MRC / TIFF movie with the right header (zeros)
+- :func:`write_dm4_image` : a Gatan DigitalMicrograph 4 image (SerialEM's K2/K3 gain
+  references, ``CountRef_*.dm4``), enough of the tag tree for DM readers
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "write_epu_session",
     "mdoc_text",
     "write_mdoc",
+    "write_dm4_image",
     "write_movie_stub",
     "MOVIE_SUFFIXES",
 ]
@@ -684,4 +687,65 @@ def write_mdoc(path: str | Path, *, encoding: str = "utf-8", **kwargs) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(mdoc_text(**kwargs).encode(encoding))
+    return path
+
+
+# ----------------------------------------------------------------------------- DM4 images
+
+_DM_TAG_TYPES = {np_name: code for np_name, code in (
+    ("int16", 2), ("int32", 3), ("uint16", 4), ("uint32", 5), ("float32", 6), ("float64", 7))}
+_DM_IMAGE_TYPES = {"int16": 1, "float32": 2, "uint8": 6, "int32": 7, "int8": 9, "uint16": 10,
+                   "uint32": 11, "float64": 12}
+
+
+def write_dm4_image(path: str | Path, data, *, pixel_size_nm: float = 1.0) -> Path:
+    """Write a 2D image as a DigitalMicrograph 4 file (little-endian data, as DM writes on a PC).
+
+    The tag tree holds what DM readers use (``ImageList/<1>/ImageData`` with ``Data``,
+    ``DataType``, ``Dimensions`` and ``Calibrations/Dimension`` scale and units); no
+    thumbnail. For tests and synthetic SerialEM sessions (K2/K3 gain references are .dm4).
+    """
+    import struct
+
+    import numpy as np
+
+    arr = np.ascontiguousarray(data)
+    if arr.ndim != 2 or arr.dtype.name not in _DM_IMAGE_TYPES:
+        raise ValueError(f"write_dm4_image: a 2D array of {sorted(_DM_IMAGE_TYPES)}, not "
+                         f"{arr.ndim}D {arr.dtype}")
+
+    def label(name: str) -> bytes:
+        b = name.encode("ascii")
+        return struct.pack(">H", len(b)) + b
+
+    def value(name: str, v, np_type: str) -> bytes:
+        body = (b"%%%%" + struct.pack(">QQ", 1, _DM_TAG_TYPES[np_type])
+                + np.array([v], dtype=np_type).astype("<" + np.dtype(np_type).str[1:]).tobytes())
+        return b"\x15" + label(name) + struct.pack(">Q", len(body)) + body
+
+    def array(name: str, values: np.ndarray, type_code: int) -> bytes:
+        raw = np.ascontiguousarray(values).astype(values.dtype.newbyteorder("<")).tobytes()
+        body = b"%%%%" + struct.pack(">QQQQ", 3, 20, type_code, values.size) + raw
+        return b"\x15" + label(name) + struct.pack(">Q", len(body)) + body
+
+    def group(name: str, entries: list[bytes]) -> bytes:
+        body = b"\x00\x00" + struct.pack(">Q", len(entries)) + b"".join(entries)
+        return b"\x14" + label(name) + struct.pack(">Q", len(body)) + body
+
+    units = np.frombuffer("nm".encode("utf-16-le"), dtype="<u2")
+    dims = [group("", [value("Origin", 0.0, "float32"), value("Scale", pixel_size_nm, "float32"),
+                       array("Units", units, 4)]) for _ in range(2)]
+    pixel_type = {"int16": 2, "float32": 6, "uint8": 8, "int32": 3, "int8": 9, "uint16": 4,
+                  "uint32": 5, "float64": 7}[arr.dtype.name]
+    image = group("", [group("ImageData", [
+        group("Calibrations", [group("Dimension", dims)]),
+        array("Data", arr.ravel(), pixel_type),
+        value("DataType", _DM_IMAGE_TYPES[arr.dtype.name], "int32"),
+        group("Dimensions", [value("", arr.shape[1], "uint32"), value("", arr.shape[0], "uint32")]),
+    ])])
+    root = b"\x00\x00" + struct.pack(">Q", 1) + group("ImageList", [image])
+    out = struct.pack(">IQI", 4, 16 + len(root) + 8, 1) + root + b"\x00" * 8
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(out)
     return path

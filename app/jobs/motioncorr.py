@@ -44,7 +44,14 @@ from compute.motion import (
     transform_gain,
 )
 from metadata.errors import MetadataError
-from metadata.frames import frame_range, movie_format, open_movie, read_defects, read_gain
+from metadata.frames import (
+    DM_SUFFIXES,
+    frame_range,
+    movie_format,
+    open_movie,
+    read_defects,
+    read_gain,
+)
 from metadata.images import write_mrc
 from metadata.star import read_star, resolve_path, write_star
 
@@ -207,6 +214,15 @@ class MotionCorrJob(Job):
         gain_file = str(ctx.get("fn_gain_ref", "") or "").strip()
         raw_gain = (read_gain(resolve_path(gain_file, project_dir=ctx.project_dir))
                     if gain_file else None)
+        self._gain_name = gain_file or "None"
+        if raw_gain is not None and Path(gain_file).suffix.lower() in DM_SUFFIXES:
+            # RELION and MotionCor2 read MRC gain references, not Gatan's .dm4: keep an MRC
+            # copy (as read, before gain_rot/gain_flip) and name it in the outputs
+            copy = ctx.path("gain_reference.mrc")
+            write_mrc(copy, raw_gain)
+            self._gain_name = ctx.rel(copy)
+            ctx.info("gain reference %s (DigitalMicrograph) copied to %s for RELION-readable "
+                     "outputs", gain_file, self._gain_name)
         g_rot = choice_index(ctx.get("gain_rot", "0"), "gain_rot", range(4))
         g_flip = choice_index(ctx.get("gain_flip", "0"), "gain_flip", range(3))
         gain = transform_gain(raw_gain, g_rot, g_flip) if raw_gain is not None else None
@@ -310,7 +326,8 @@ class MotionCorrJob(Job):
             write_mrc(ps_path, ps, res.pixel_size_a, float16=False)
             rec = {"rlnCtfPowerSpectrum": ctx.rel(ps_path), **rec}
         meta = ctx.path(stem + ".star")
-        self._write_metadata(meta, res, name, n_frames, shape, opts, first, kv, ctx)
+        self._write_metadata(meta, res, name, n_frames, shape, opts, first, kv, ctx,
+                             getattr(self, "_gain_name", None) or "None")
         rec.update({
             "rlnMicrographMetadata": ctx.rel(meta),
             "rlnOpticsGroup": group,
@@ -323,11 +340,11 @@ class MotionCorrJob(Job):
 
     @staticmethod
     def _write_metadata(path: Path, res: MotionResult, movie: str, n: int, shape, opts,
-                        first: int, kv: float, ctx: JobContext) -> None:
+                        first: int, kv: float, ctx: JobContext, gain_name: str = "None") -> None:
         general = {
             "rlnImageSizeX": int(shape[1]), "rlnImageSizeY": int(shape[0]), "rlnImageSizeZ": n,
             "rlnMicrographMovieName": movie,
-            "rlnMicrographGainName": str(ctx.get("fn_gain_ref", "") or "None"),
+            "rlnMicrographGainName": gain_name,
             "rlnMicrographBinning": float(opts.bin_factor),
             "rlnMicrographOriginalPixelSize": float(opts.pixel_size_a),
             "rlnMicrographDoseRate": float(opts.dose_per_frame_e_a2 or 0.0),

@@ -12,7 +12,7 @@ EPU (via :func:`metadata.synth.write_epu_session`)::
 SerialEM (via :func:`metadata.synth.write_mdoc`)::
 
     out/<prefix>_<nnnnn>.tif and out/<prefix>_<nnnnn>.tif.mdoc   (or .mrc / .mrc.mdoc)
-    out/CountRef_<prefix>.mrc, out/defects.txt
+    out/CountRef_<prefix>.dm4 (as SerialEM copies a K2/K3's gain reference), out/defects.txt
 
 Both: ``out/ground_truth/`` with ``movies_truth.star`` (true defocus, drift, ... per movie,
 movie paths relative to ``out``), ``coordinates_truth.star`` (every particle's frame-1
@@ -55,6 +55,7 @@ from app.simulation.writers import (
 from compute.backend import to_numpy
 from metadata.images import write_mrc
 from metadata.star import write_star
+from metadata.synth import write_dm4_image
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,7 @@ def write_serialem_session_sim(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[tuple[Path, Path]]:
     """Write a SerialEM-style folder: ``<prefix>_NNNNN.tif`` + ``.tif.mdoc`` per movie, the
-    gain reference ``CountRef_<prefix>.mrc`` and ``defects.txt``; returns (movie, mdoc) paths."""
+    gain reference ``CountRef_<prefix>.dm4`` and ``defects.txt``; returns (movie, mdoc) paths."""
     from metadata.synth import write_mdoc
 
     spec = spec or SessionSpec()
@@ -349,8 +350,9 @@ def write_serialem_session_sim(
         return final
     out.mkdir(parents=True, exist_ok=True)
     detector = _detector(spec)
-    gain_name = f"CountRef_{prefix}.mrc"
-    write_mrc(out / gain_name, detector.gain_reference, pixel_size_a=spec.pixel_size_a)
+    gain_name = f"CountRef_{prefix}.dm4"  # SerialEM copies DigitalMicrograph's gain reference
+    write_dm4_image(out / gain_name, to_numpy(detector.gain_reference).astype(np.float32),
+                    pixel_size_nm=spec.pixel_size_a / 10.0)
     write_defects(out / "defects.txt", detector.hot_pixels, detector.dead_pixels)
     truth = _Truth(out)
     ext = {"tiff": "tif", "mrc": "mrc", "eer": "eer"}[spec.movie_format]

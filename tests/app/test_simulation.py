@@ -14,6 +14,7 @@ from app.simulation.session import SessionSpec, write_epu_session_sim, write_ser
 from app.simulation.writers import write_micrograph_set, write_movie, write_particle_set
 from compute.simulate.micrograph import simulate_micrograph
 from compute.simulate.particles import simulate_particles
+from metadata.frames import read_gain
 from metadata.star import read_star
 
 TINY = SessionSpec(shape=(128, 128), n_frames=4, seed=3, n_hot=2, n_dead=2,
@@ -133,8 +134,9 @@ def test_serialem_session_with_drip(tmp_path):
     idx = open_session(tmp_path)
     assert idx.kind == "serialem" and idx.n_movies == 2
     rec = item_record(idx.items[1])
-    assert rec.n_frames == 4 and rec.gain_reference == "CountRef_sim.mrc"
-    assert (tmp_path / "CountRef_sim.mrc").is_file()
+    assert rec.n_frames == 4 and rec.gain_reference == "CountRef_sim.dm4"
+    gain = read_gain(tmp_path / "CountRef_sim.dm4")
+    assert gain.shape == TINY.shape and 0.5 < gain.min() <= gain.max() < 2.0
     lines = (tmp_path / "defects.txt").read_text().split("\n")
     assert len([x for x in lines if x]) == 4
     shifts = read_star(tmp_path / "ground_truth" / "sim_00001_shifts.star")["global_shift"]

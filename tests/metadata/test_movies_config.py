@@ -180,3 +180,24 @@ def test_pixel_size_and_magnification_cross_check(tmp_path, px, mag, warned):
                                                         magnification=mag))
     assert any("check the pixel size and magnification" in w for w in rec.warnings) is warned
     assert rec.pixel_size_a == pytest.approx(px)  # faithful to the file either way
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint16"])
+def test_dm4_gain_reference(tmp_path, dtype):
+    """Gatan .dm4 (SerialEM's CountRef_*.dm4) reads through ncempy; a damaged one is a
+    MetadataError naming the file, never a traceback."""
+    import numpy as np
+
+    from metadata.frames import read_gain
+
+    g = (np.random.default_rng(1).random((12, 20)) * 3 + 1).astype(dtype)
+    p = synth.write_dm4_image(tmp_path / "CountRef_a.dm4", g, pixel_size_nm=0.105)
+    got = read_gain(p)
+    assert got.dtype == np.float32 and got.shape == (12, 20)
+    np.testing.assert_array_equal(got, g.astype(np.float32))
+    cut = tmp_path / "cut.dm4"
+    cut.write_bytes(p.read_bytes()[:300])
+    with pytest.raises(MetadataError, match=r"cut\.dm4.*not a readable gain reference"):
+        read_gain(cut)
+    with pytest.raises(MetadataError, match="not a readable gain reference"):
+        read_gain(synth.write_movie_stub(tmp_path / "x.dm4", n_frames=1))

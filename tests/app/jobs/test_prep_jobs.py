@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mrcfile
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 
@@ -123,3 +124,35 @@ def test_gain_of_wrong_size_fails_that_movie_only(project):
     out = read_star(root / "MotionCorr/job002/corrected_micrographs.star")
     assert len(out["failed"]) == 2
     assert all("gain_reference_is" in r for r in out["failed"]["scopesideFailureReason"])
+
+
+def test_dm4_gain_reference_as_serialem_copies_it(project):
+    """SerialEM copies a K2/K3's gain reference as CountRef_*.dm4: the job reads it like the
+    same gain in MRC, and names an MRC copy in its outputs (RELION cannot read .dm4)."""
+    from metadata.synth import write_dm4_image
+
+    root, _ = project
+    run_job("import", root / "Import/job001", {"fn_in_raw": "Movies/good_0.tiff", "angpix": "1"},
+            project_dir=root)
+    gain = (0.8 + 0.4 * np.random.default_rng(5).random((N, N))).astype(np.float32)
+    with mrcfile.new(root / "gain.mrc") as m:
+        m.set_data(gain)
+    write_dm4_image(root / "CountRef_x.dm4", gain)
+    mics = {}
+    for job, name in (("job002", "gain.mrc"), ("job003", "CountRef_x.dm4")):
+        opts = {"input_star_mics": "Import/job001/movies.star", "fn_gain_ref": name,
+                "patch_x": "1", "patch_y": "1", "do_float16": "false"}
+        assert run_job("motioncorr", root / f"MotionCorr/{job}", opts, project_dir=root) == 0
+        row = read_star(root / f"MotionCorr/{job}/corrected_micrographs.star")["micrographs"]
+        with mrcfile.open(root / row["rlnMicrographName"].iloc[0]) as m:
+            mics[job] = m.data.copy()
+        meta = read_star(root / row["rlnMicrographMetadata"].iloc[0])
+        gain_name = meta["general"]["rlnMicrographGainName"]
+        if isinstance(gain_name, pd.Series):
+            gain_name = gain_name.iloc[0]
+        mics[job + "_gain"] = str(gain_name)
+    np.testing.assert_array_equal(mics["job002"], mics["job003"])
+    assert mics["job002_gain"] == "gain.mrc"
+    assert mics["job003_gain"] == "MotionCorr/job003/gain_reference.mrc"
+    with mrcfile.open(root / mics["job003_gain"]) as m:
+        np.testing.assert_array_equal(m.data, gain)
