@@ -73,6 +73,8 @@ def main(args) -> int:
         raise UserError("give a job TYPE or --job-star FILE")
 
     out = Path(args.out)
+    if args.project and not out.is_absolute():
+        out = Path(args.project) / out  # the logs go where run_job puts the job's outputs
     root = logging.getLogger()
     if not os.environ.get(REDIRECTED_ENV):
         out.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +70,19 @@ def test_forced_gpu_without_gpu_is_one_clear_line(tmp_path, monkeypatch):
     assert "SCOPESIDE_DEVICE=gpu was requested" in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0
 
+
+
+def test_job_with_project_keeps_its_logs_in_the_project(tmp_path):
+    """--o relative to --project: run.out/run.err beside the outputs, nothing in the cwd."""
+    proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    (proj / "Movies").mkdir(parents=True)
+    elsewhere.mkdir()
+    r = subprocess.run([sys.executable, "-m", "app.cli", "job", "import", "--o", "Import/job001",
+                        "--project", str(proj), "--fn_in_raw", "Movies/*.tiff", "--angpix", "1"],
+                       cwd=elsewhere, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert r.returncode == 0, r.stderr
+    job = proj / "Import/job001"
+    assert (job / "run.out").is_file() and (job / "RELION_JOB_EXIT_SUCCESS").is_file()
+    assert "movies" in (job / "run.out").read_text()
+    assert list(elsewhere.iterdir()) == []
