@@ -162,6 +162,10 @@ def read_classification(optimiser: str | Path, project_dir: str | Path | None = 
     model = read_star(model_path)
     if "model_classes" not in model:
         raise UserError(f"{model_path}: no data_model_classes table")
+    dim = _scalar(model, "rlnReferenceDimensionality")
+    if dim is not None and str(dim).strip() not in ("2", "2.0"):
+        raise UserError(f"{model_path}: rlnReferenceDimensionality is {dim} — a 3D "
+                        "classification or refinement; the class ranker scores 2D class averages")
     classes = model["model_classes"].reset_index(drop=True)
     if "rlnReferenceImage" not in classes.columns:
         raise UserError(f"{model_path}: model_classes has no rlnReferenceImage column")
@@ -198,6 +202,9 @@ def read_classification(optimiser: str | Path, project_dir: str | Path | None = 
                 images[k] = im
     for f, why in bad_files.items():
         warns.append(f"class images {f} unreadable ({why}): those classes are not scored")
+    if any(im is not None and np.ndim(im) != 2 for im in images):
+        raise UserError(f"{model_path}: the class references are not 2D images (a 3D run?); "
+                        "the class ranker scores 2D class averages")
     ok = np.array([im is not None for im in images], dtype=bool)
     if not ok.any():
         raise UserError(f"{model_path}: none of the {K} class images could be read "
@@ -228,6 +235,14 @@ def read_classification(optimiser: str | Path, project_dir: str | Path | None = 
     if not diam > 0:
         diam = 0.9 * shape[-1] * px
         warns.append(f"{opt_path}: no rlnParticleDiameter; using {diam:.0f} Å (0.9 × box)")
+    if ("rlnAccuracyTranslationsAngst" not in classes.columns
+            and "rlnAccuracyTranslations" in classes.columns):
+        # RELION <= 3.0 gives the translational accuracy in pixels
+        classes = classes.copy()
+        classes["rlnAccuracyTranslationsAngst"] = pd.to_numeric(
+            classes["rlnAccuracyTranslations"], errors="coerce") * px
+        warns.append(f"{model_path}: rlnAccuracyTranslations in pixels (RELION 3.0) converted "
+                     f"to Å with the pixel size {px:.3f} Å")
     for lab in ("rlnAccuracyRotations", "rlnAccuracyTranslationsAngst", "rlnEstimatedResolution"):
         if lab not in classes.columns:
             warns.append(f"{model_path}: no {lab} column; that feature takes the training mean")

@@ -155,3 +155,30 @@ def test_feedback_round_trip(tmp_path):
     assert tab["rlnSelected"].tolist() == [1, 1, 0]
     assert tab["rlnAutoSelected"].tolist() == [1, 0, 0]
     assert isinstance(tab, pd.DataFrame)
+
+
+def test_relion30_translation_accuracy_in_pixels_is_converted(tmp_path):
+    """RELION <= 3.0 model.star: rlnAccuracyTranslations in pixels -> Å with the pixel size."""
+    f = write_fake_class2d(tmp_path, seed=2, n_classes=10, kinds=KINDS)
+    c0 = read_classification(f.optimiser, f.project)
+    m = read_star(f.model)
+    mc = m["model_classes"]
+    angst = pd.to_numeric(mc["rlnAccuracyTranslationsAngst"]).to_numpy()
+    px = c0.pixel_size_a
+    m["model_classes"] = mc.drop(columns=["rlnAccuracyTranslationsAngst"]).assign(
+        rlnAccuracyTranslations=angst / px)
+    write_star(f.model, m)
+    c = read_classification(f.optimiser, f.project)
+    metas = rank_select.class_metas(c)
+    np.testing.assert_allclose([mt.acc_trans_a for mt in metas], angst, rtol=1e-5)
+    assert not any("no rlnAccuracyTranslationsAngst" in w for w in c.warnings)
+    assert any("converted to Å" in w for w in c.warnings)
+
+
+def test_a_3d_run_is_refused(tmp_path):
+    f = write_fake_class2d(tmp_path, seed=2, n_classes=10, kinds=KINDS)
+    m = read_star(f.model)
+    m["model_general"]["rlnReferenceDimensionality"] = 3
+    write_star(f.model, m)
+    with pytest.raises(UserError, match="rlnReferenceDimensionality is 3.*2D class averages"):
+        read_classification(f.optimiser, f.project)
