@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from app.errors import UserError
-from app.jobs.base import Job, JobContext, Option
+from app.jobs.base import Job, JobContext, Option, Unsupported
 from compute import backend as be
 from compute.ctf import CtfParams
 from compute.pick import LogPickerSettings, Picks, pick_log
@@ -129,18 +129,24 @@ class AutopickJob(Job):
         Option("log_upper_thr", "999", "float", "drop picks more than this many std-devs "
                "above the mean"),
         Option("do_topaz", "No", "bool", "pick with Topaz (needs topaz-em and a model)"),
+        Option("do_topaz_pick", "No", "bool", "RELION 4/5's name for do_topaz"),
         Option("topaz_model", "", "path", "trained Topaz model"),
         Option("topaz_particle_diameter", "-1", "float", "particle diameter for Topaz (Å)"),
         Option("topaz_nr_particles", "-1", "int", "expected particles per micrograph (Topaz)"),
         Option("topaz_threshold", "-6", "float", "Topaz score threshold (log-likelihood)"),
     ]
     input_options = ["fn_input_autopick"]
+    unsupported = [
+        Unsupported("do_amyloid", ("no",), "amyloid picking (RELION 5)"),
+        Unsupported("do_topaz_train", ("no",), "training a Topaz model"),
+        Unsupported("do_pick_helical_segments", ("no",), "picking helical segments"),
+    ]
 
     def run(self, ctx: JobContext) -> None:
         mics, _ = read_micrographs(ctx.get("fn_input_autopick", ""), ctx, "fn_input_autopick")
         ctx.add_input_node(resolve_path(ctx["fn_input_autopick"], project_dir=ctx.project_dir),
                            MICS_NODE)
-        do_topaz = bool(ctx.get("do_topaz", False))
+        do_topaz = bool(ctx.get("do_topaz", False)) or bool(ctx.get("do_topaz_pick", False))
         if not do_topaz and not ctx.get("do_log", True):
             raise UserError("relion.autopick: set do_log or do_topaz (template picking is not "
                             "supported)")

@@ -81,6 +81,30 @@ class Option:
         return t
 
 
+@dataclass(frozen=True)
+class Unsupported:
+    """A RELION option whose other values ask for something scopeside does not do.
+
+    ``ok`` are the accepted values (lower case; ``yes``/``no`` for booleans); an empty
+    value is always accepted. Anything else makes the job fail at once with ``what`` in
+    the message, instead of running as if the option were absent.
+    """
+
+    name: str
+    ok: tuple[str, ...]
+    what: str
+
+    def check(self, value: str) -> None:
+        v = str(value).strip()
+        low = v.lower()
+        low = {"true": "yes", "1": "yes", "y": "yes", "false": "no", "0": "no", "n": "no"}.get(
+            low, low)
+        if v and low not in self.ok:
+            hint = f" (set {self.name} to {self.ok[0]!r})" if self.ok else ""
+            raise UserError(f"option {self.name}={v!r}: {self.what} is not supported by "
+                            f"scopeside; run this job in RELION{hint}")
+
+
 def format_value(value: Any) -> str:
     """A Python value as job.star text (bools as Yes/No, floats in shortest form)."""
     if isinstance(value, bool):
@@ -229,6 +253,8 @@ class Job:
     options: ClassVar[list[Option]] = []
     #: option names whose values are input files the job waits for (pipeline edges)
     input_options: ClassVar[list[str]] = []
+    #: RELION options this job cannot honour when set (see :class:`Unsupported`)
+    unsupported: ClassVar[list[Unsupported]] = []
 
     def __init__(self, jobtype) -> None:
         self.jobtype = jobtype
@@ -253,11 +279,15 @@ def not_implemented_job(jt) -> type[Job]:
 
 def parse_options(job_cls: type[Job], raw: Mapping[str, str], logger: logging.Logger
                   ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Merge ``raw`` over the defaults; warn about unknown names; return (typed, raw-merged)."""
+    """Merge ``raw`` over the defaults; warn about unknown names; refuse :class:`Unsupported`
+    values (UserError); return (typed, raw-merged)."""
     spec = job_cls.option_map()
     merged = {name: o.default for name, o in spec.items()}
+    refused = {u.name: u for u in job_cls.unsupported}
     for k, v in raw.items():
-        if k not in spec:
+        if k in refused:
+            refused[k].check(v)
+        elif k not in spec:
             logger.warning("unknown option %s=%s ignored", k, v)
         merged[k] = str(v)
     typed = {k: (spec[k].parse(v) if k in spec else v) for k, v in merged.items()}

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from app.errors import UserError
-from app.jobs.base import Job, JobContext, Option
+from app.jobs.base import Job, JobContext, Option, Unsupported
 from compute import backend as be
 from compute.errors import ComputeError
 from compute.vdam.classify2d import Classify2D, Classify2DParams
@@ -110,6 +110,10 @@ class Class2DJob(Job):
         Option("random_seed", "1", "int", "random seed"),
     ]
     input_options = ["fn_img"]
+    unsupported = [
+        Unsupported("dont_skip_align", ("yes",), "classification without alignment"),
+        Unsupported("do_helix", ("no",), "helical 2D classification"),
+    ]
 
     def run(self, ctx: JobContext) -> None:
         fn = ctx.get("fn_img")

@@ -29,7 +29,7 @@ from app.jobs.autopick import (
     read_micrographs,
     relion_post_name,
 )
-from app.jobs.base import Job, JobContext, Option
+from app.jobs.base import Job, JobContext, Option, Unsupported
 from compute import backend as be
 from compute.extract import extract_particles
 from metadata.images import read_mrc, write_mrc
@@ -69,6 +69,10 @@ class ExtractJob(Job):
         Option("minimum_pick_fom", "0", "float", "minimum rlnAutopickFigureOfMerit"),
     ]
     input_options = ["star_mics", "coords_suffix"]
+    unsupported = [
+        Unsupported("do_reextract", ("no",), "re-extraction of refined particles"),
+        Unsupported("do_extract_helix", ("no",), "helical segment extraction"),
+    ]
 
     def run(self, ctx: JobContext) -> None:
         mics, optics = read_micrographs(ctx.get("star_mics", ""), ctx, "star_mics")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from app.errors import UserError
-from app.jobs.base import Job, JobContext, Option
+from app.jobs.base import Job, JobContext, Option, Unsupported
 from metadata.star import read_star, write_star
 
 MOVIES_NODE = "MicrographMovieGroupMetadata.star.relion"
@@ -42,6 +42,11 @@ class ImportJob(Job):
         Option("Q0", "0.1", "float", "amplitude contrast"),
         Option("beamtilt_x", "0", "float", "beam tilt x (mrad)"),
         Option("beamtilt_y", "0", "float", "beam tilt y (mrad)"),
+    ]
+    unsupported = [
+        Unsupported("do_raw", ("yes",), "an import without raw movies/micrographs"),
+        Unsupported("do_other", ("no",), "importing references, masks, coordinates or "
+                    "half-maps (do_other)"),
     ]
 
     def run(self, ctx: JobContext) -> None:

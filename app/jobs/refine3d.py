@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from app.errors import UserError
-from app.jobs.base import Job, JobContext, Option
+from app.jobs.base import Job, JobContext, Option, Unsupported
 from app.jobs.class2d import StarParticles
 from app.jobs.inimodel3d import check_symmetry, pick_xp, resolve_input, shell_table, write_data_star
 from compute import backend as be
@@ -79,6 +79,10 @@ class Refine3DJob(Job):
         Option("random_seed", "1", "int", "random seed"),
     ]
     input_options = ["fn_img", "fn_ref"]
+    unsupported = [
+        Unsupported("relax_sym", (), "relaxed symmetry"),
+        Unsupported("do_helix", ("no",), "helical refinement"),
+    ]
 
     def run(self, ctx: JobContext) -> None:
         star = resolve_input(ctx, "fn_img")

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from app.errors import UserError
-from app.jobs.base import Job, JobContext, Option
+from app.jobs.base import Job, JobContext, Option, Unsupported
 from metadata.star import read_star, resolve_path, write_star
 
 MICS_NODE = "MicrographGroupMetadata.star.relion"
@@ -42,6 +42,12 @@ class SelectJob(Job):
         Option("select_nr_classes", "-1", "int", "minimum number of classes (class ranker)"),
     ]
     input_options = ["fn_mic", "fn_data", "fn_model"]
+    unsupported = [
+        Unsupported("do_split", ("no",), "splitting a STAR file into subsets"),
+        Unsupported("do_discard", ("no",), "discarding images by their statistics"),
+        Unsupported("do_remove_duplicates", ("no",), "removing duplicate particles"),
+        Unsupported("do_regroup", ("no",), "regrouping particles"),
+    ]
 
     def run(self, ctx: JobContext) -> None:
         if ctx.get("do_class_ranker", False):

@@ -191,6 +191,11 @@ def test_autopick_empty_micrograph_and_errors(project, sims):
         assert _autopick(project, out="AutoPick/job007", do_topaz="Yes",
                          topaz_model="model.sav") == 1
         assert "topaz" in (project / "AutoPick/job007" / FAILURE).read_text().lower()
+        # RELION 4/5's job.star names the switch do_topaz_pick: the same Topaz path
+        assert _autopick(project, out="AutoPick/job008", do_log="No", do_topaz_pick="Yes",
+                         topaz_model="model.sav") == 1
+        msg = (project / "AutoPick/job008" / FAILURE).read_text()
+        assert "topaz" in msg.lower() and "set do_log or do_topaz" not in msg
 
 
 def _extract(project, out="Extract/job006", cont=False, **kw):
