@@ -219,10 +219,12 @@ class MotionCorrJob(Job):
             # RELION and MotionCor2 read MRC gain references, not Gatan's .dm4: keep an MRC
             # copy (as read, before gain_rot/gain_flip) and name it in the outputs
             copy = ctx.path("gain_reference.mrc")
-            write_mrc(copy, raw_gain)
+            src = resolve_path(gain_file, project_dir=ctx.project_dir)
+            if not copy.is_file() or copy.stat().st_mtime < Path(src).stat().st_mtime:
+                write_mrc(copy, raw_gain)  # once, not on every continue of an on-the-fly run
+                ctx.info("gain reference %s (DigitalMicrograph) copied to %s for "
+                         "RELION-readable outputs", gain_file, ctx.rel(copy))
             self._gain_name = ctx.rel(copy)
-            ctx.info("gain reference %s (DigitalMicrograph) copied to %s for RELION-readable "
-                     "outputs", gain_file, self._gain_name)
         g_rot = choice_index(ctx.get("gain_rot", "0"), "gain_rot", range(4))
         g_flip = choice_index(ctx.get("gain_flip", "0"), "gain_flip", range(3))
         gain = transform_gain(raw_gain, g_rot, g_flip) if raw_gain is not None else None

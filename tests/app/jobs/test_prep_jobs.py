@@ -156,3 +156,9 @@ def test_dm4_gain_reference_as_serialem_copies_it(project):
     assert mics["job003_gain"] == "MotionCorr/job003/gain_reference.mrc"
     with mrcfile.open(root / mics["job003_gain"]) as m:
         np.testing.assert_array_equal(m.data, gain)
+    # an on-the-fly continue does not rewrite the copy (a K3 gain is ~90 MB)
+    stamp = (root / mics["job003_gain"]).stat().st_mtime_ns
+    opts["fn_gain_ref"] = "CountRef_x.dm4"
+    assert run_job("motioncorr", root / "MotionCorr/job003", opts, is_continue=True,
+                   project_dir=root) == 0
+    assert (root / mics["job003_gain"]).stat().st_mtime_ns == stamp
