@@ -7,6 +7,7 @@ operators (named nodes that compute variables), jobs (named nodes whose ``job.st
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,9 @@ from app.errors import UserError
 from app.schemes import starfmt
 
 UNDEF = "undefined"
+JOB_MODES = ("new", "continue")
+
+log = logging.getLogger(__name__)
 
 #: operator type -> (output kind, input1 kind, input2 kind); kinds: b/f/s variable, n number
 #: (float variable or literal), "-" unused, "?" optional of any kind, "*" any variable.
@@ -83,8 +87,12 @@ class Operator:
 @dataclass
 class SchemeJob:
     current_name: str
-    mode: str = "continue"  # new | continue
+    mode: str = "continue"  # new | continue (any other text is kept as read; see validate)
     has_started: bool = False
+
+    @property
+    def mode_is_known(self) -> bool:
+        return self.mode in JOB_MODES
 
 
 @dataclass
@@ -127,6 +135,8 @@ class Scheme:
     path: Path | None = None
     #: the text of scheme_general's _rlnSchemeName as read (``Schemes/prep/``)
     scheme_dir_name: str = ""
+    #: the ``# version`` written before each table: RELION 4's, or a newer one the file had
+    star_version: int = starfmt.VERSION
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- construction -----------------------------------------------------------------------
@@ -152,6 +162,10 @@ class Scheme:
         bare = dir_name.rstrip("/").split("/")[-1] if dir_name else path.parent.name
         sch = cls(name=bare, current_node=gen.pairs.get("rlnSchemeCurrentNodeName", UNDEF),
                   path=path, scheme_dir_name=dir_name or f"Schemes/{bare}/")
+        # a newer file (RELION 5: 50001) keeps its version line; RELION's schemer reads the
+        # tables the same way whatever the number says
+        sch.star_version = max([starfmt.VERSION] + [b.version for b in blocks.values()
+                                                    if b.version is not None])
 
         def rows(table: str, labels: list[str]) -> list[tuple[int, list[str]]]:
             b = blocks.get(table)
@@ -213,11 +227,11 @@ class Scheme:
     def _loop(self, name: str, labels: list[str], rows: list[tuple]) -> str:
         """A loop table's text, reused while its rows are unchanged (the schemer saves after
         every step, and usually only the current node changed)."""
-        key = repr(rows)  # repr, not ==: keeps -0.0/0.0 and True/1.0 apart
+        key = repr((self.star_version, rows))  # repr, not ==: keeps -0.0/0.0, True/1.0 apart
         hit = self._cache.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
-        text = starfmt.format_loop(name, labels, [list(r) for r in rows])
+        text = starfmt.format_loop(name, labels, [list(r) for r in rows], self.star_version)
         self._cache[name] = (key, text)
         return text
 
@@ -225,7 +239,7 @@ class Scheme:
         """scheme.star text in RELION 4's layout (tables sorted by name, as RELION's maps are)."""
         parts = [starfmt.format_list("scheme_general", [
             ("rlnSchemeName", self.scheme_dir_name or f"Schemes/{self.name}/"),
-            ("rlnSchemeCurrentNodeName", self.current_node)])]
+            ("rlnSchemeCurrentNodeName", self.current_node)], self.star_version)]
         if self.floats:
             parts.append(self._loop(
                 "scheme_floats", ["rlnSchemeFloatVariableName", "rlnSchemeFloatVariableValue",
@@ -310,6 +324,27 @@ class Scheme:
     def start_node(self) -> str:
         return self.edges[0].input if self.edges else UNDEF
 
+    def reachable_nodes(self) -> set[str]:
+        """Nodes the walk can reach from the start node (where a reset puts it) or the current
+        node. As in :meth:`next_node`, only the last edge leaving a node counts; both ways of
+        a fork are followed."""
+        last: dict[str, Edge] = {}
+        for e in self.edges:
+            last[e.input] = e
+        todo = [n for n in (self.start_node(), self.current_node) if n != UNDEF]
+        seen: set[str] = set()
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            e = last.get(n)
+            if e is not None:
+                todo.append(e.output)
+                if e.is_fork:
+                    todo.append(e.output_if_true)
+        return seen
+
     def reset(self) -> None:
         """Variables to their reset values, jobs to their original names, not started."""
         for table in (self.floats, self.bools, self.strings):
@@ -364,10 +399,8 @@ class Scheme:
                 seen[n] = table
         for i, (name, op) in enumerate(sorted(self.operators.items()), 1):
             self._check_operator(name, op, f"{where}, table scheme_operators row {i} ({name})")
-        for i, (name, j) in enumerate(sorted(self.jobs.items()), 1):
+        for i, (name, _j) in enumerate(sorted(self.jobs.items()), 1):
             loc = f"{where}, table scheme_jobs row {i} ({name})"
-            if j.mode not in ("new", "continue"):
-                raise UserError(f"{loc}: mode {j.mode!r} is neither 'new' nor 'continue'")
             if project is not None:
                 js = Path(project) / "Schemes" / self.name / name / "job.star"
                 if not js.is_file():
@@ -382,7 +415,75 @@ class Scheme:
         if self.current_node != UNDEF and self.current_node not in nodes:
             raise UserError(f"{where}, table scheme_general: current node "
                             f"{self.current_node!r} is not an operator or job")
+        reachable = self.reachable_nodes()
+        self._check_job_modes(where, reachable)
+        if project is not None:
+            self._check_job_types(Path(project), where, reachable)
         self._check_idle_cycles(where)
+
+    def _check_job_modes(self, where: str, reachable: set[str]) -> None:
+        """RELION (``Scheme::run``) accepts any mode text on reading; on reaching the job it
+        makes a new job when the job has not started or the mode is ``new``, continues it for
+        ``continue``, and otherwise stops with "unrecognised mode". So a job with another
+        mode that the walk can reach is refused here, before anything runs; one it cannot
+        reach (RELION 5's amyprep has ``importmovies`` with mode ``""``) is only reported."""
+        for i, (name, j) in enumerate(sorted(self.jobs.items()), 1):
+            if j.mode_is_known:
+                continue
+            loc = f"{where}, table scheme_jobs row {i} ({name})"
+            if name in reachable:
+                raise UserError(f"{loc}: mode {j.mode!r} is neither 'new' nor 'continue', and "
+                                "the scheme reaches this job (RELION runs it as a new job the "
+                                "first time and stops with 'unrecognised mode' the next time); "
+                                "set its mode to new or continue")
+            log.warning("%s: mode %r is neither 'new' nor 'continue'; no edge reaches this "
+                        "job, so it never runs", loc, j.mode)
+
+    def _check_job_types(self, project: Path, where: str, reachable: set[str]) -> None:
+        """Every job's ``_rlnJobTypeLabel`` must be a type scopeside implements (the job
+        registry decides): refused for a job the walk can reach (it would fail only when
+        reached, possibly hours into a session), reported for one it cannot reach."""
+        import importlib.util
+
+        from app.jobs import JOB_TYPES, find_type
+        from app.schemes.jobstar import read_job_star
+
+        bad: list[tuple[str, str, str]] = []
+        for name in sorted(self.jobs):
+            js = project / "Schemes" / self.name / name / "job.star"
+            if not js.is_file():
+                continue
+            label = read_job_star(js).type_label
+            try:
+                jt = find_type(label)
+            except UserError as exc:
+                why = str(exc)
+                if why.startswith("unknown job type"):
+                    why = ""  # the message lists the implemented types once
+                bad.append((name, label, why.removeprefix(f"job type {label}: ")))
+                continue
+            try:
+                found = importlib.util.find_spec(jt.module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                bad.append((name, label, "not implemented yet"))
+
+        def listing(items: list[tuple[str, str, str]]) -> str:
+            return ", ".join(f"{n} ({lab or 'no _rlnJobTypeLabel'}"
+                             + (f": {why}" if why else "") + ")" for n, lab, why in items)
+
+        unreached = [b for b in bad if b[0] not in reachable]
+        if unreached:
+            log.warning("%s: job type not implemented by scopeside for %s; no edge reaches "
+                        "these jobs, so they never run", where, listing(unreached))
+        reached = [b for b in bad if b[0] in reachable]
+        if reached:
+            raise UserError(f"{where}: the scheme reaches {len(reached)} job(s) whose type "
+                            f"scopeside does not implement: {listing(reached)}. Implemented "
+                            f"types: {', '.join(t.label for t in JOB_TYPES.values())}. The run "
+                            "would stop at the first of them; do those jobs in RELION or take "
+                            "them out of the scheme")
 
     def _check_operator(self, name: str, op: Operator, loc: str) -> None:
         sig = OPERATOR_SIGNATURES.get(op.type)

@@ -58,23 +58,24 @@ def fmt_cell(v: object) -> str:
     return escape(str(v))
 
 
-def block_header(name: str) -> str:
-    return f"\n# version {VERSION}\n\ndata_{name}\n\n"
+def block_header(name: str, version: int = VERSION) -> str:
+    return f"\n# version {version}\n\ndata_{name}\n\n"
 
 
-def format_list(name: str, items: list[tuple[str, object]]) -> str:
+def format_list(name: str, items: list[tuple[str, object]], version: int = VERSION) -> str:
     """A key/value block; ``items`` are (label without leading underscore, value)."""
     width = max([10] + [len(k) for k, _ in items])
-    out = [block_header(name)]
+    out = [block_header(name, version)]
     for k, v in items:
         out.append("_" + k + " " * (12 + width - len(k)) + fmt_cell(v) + "\n")
     out.append(" \n")
     return "".join(out)
 
 
-def format_loop(name: str, labels: list[str], rows: list[list[object]]) -> str:
+def format_loop(name: str, labels: list[str], rows: list[list[object]],
+                version: int = VERSION) -> str:
     """A loop block; ``labels`` without the leading underscore."""
-    out = [block_header(name), "loop_ \n"]
+    out = [block_header(name, version), "loop_ \n"]
     out += [f"_{lab} #{i} \n" for i, lab in enumerate(labels, 1)]
     for row in rows:
         out.append("".join(f"{fmt_cell(v):>10} " for v in row) + "\n")
@@ -91,6 +92,8 @@ class Block:
     labels: list[str] = field(default_factory=list)
     rows: list[list[str]] = field(default_factory=list)
     is_loop: bool = False
+    #: the number of the ``# version N`` line before the block (None when there is none)
+    version: int | None = None
 
     def records(self) -> list[dict[str, str]]:
         if not self.is_loop:
@@ -117,12 +120,19 @@ def parse(text: str, path: Path | str = "<text>") -> dict[str, Block]:
     blocks: dict[str, Block] = {}
     cur: Block | None = None
     in_header = False
+    version: int | None = None
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
-        if not line or line.startswith("#"):
+        if not line:
+            continue
+        if line.startswith("#"):
+            if line.startswith("# version "):
+                words = line.split()
+                if len(words) > 2 and words[2].isdigit():
+                    version = int(words[2])
             continue
         if line.startswith("data_"):
-            cur = Block(line[5:].strip())
+            cur = Block(line[5:].strip(), version=version)
             blocks[cur.name] = cur
             in_header = False
             continue

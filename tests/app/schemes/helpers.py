@@ -11,7 +11,7 @@ from app.schemes.templates import write_scheme
 
 
 def make_scheme(project: Path, name: str, *, floats=None, bools=None, strings=None,
-                operators=None, jobs=None, edges=None) -> Scheme:
+                operators=None, jobs=None, edges=None, validate: bool = True) -> Scheme:
     """jobs: {name: (mode, label, {options})}; edges: (a, b) or (a, b, true_node, bool)."""
     s = Scheme(name, scheme_dir_name=f"Schemes/{name}/")
     s.floats = {k: Var(float(v), float(v)) for k, v in (floats or {}).items()}
@@ -26,7 +26,7 @@ def make_scheme(project: Path, name: str, *, floats=None, bools=None, strings=No
         s.edges.append(Edge(e[0], e[1]) if len(e) == 2 else Edge(e[0], e[1], True, e[2], e[3]))
     s.current_node = s.edges[0].input if s.edges else "undefined"
     write_scheme(Path(project) / "Schemes" / name, s, js)
-    return Scheme.load(project, name)
+    return Scheme.load(project, name, validate=validate)
 
 
 def control(project: Path, **kw) -> None:

@@ -23,12 +23,13 @@ from tests.app.schemes.helpers import control, double_log, make_scheme
 U = "undefined"
 
 
-def one_job_scheme(project: Path, label: str = "test.quick", mode: str = "new", **opts):
+def one_job_scheme(project: Path, label: str = "test.quick", mode: str = "new",
+                   validate: bool = True, **opts):
     return make_scheme(
         project, "t", floats={"wait_sec": 60},
         operators={"START": ("float=set", "wait_sec", "wait_sec", U), "END": ("exit", U, U, U)},
         jobs={"job": (mode, label, opts)},
-        edges=[("START", "job"), ("job", "END")])
+        edges=[("START", "job"), ("job", "END")], validate=validate)
 
 
 def wait_for(cond, timeout=20.0, what="condition"):
@@ -63,13 +64,17 @@ def test_crashing_job_is_a_failure_and_the_scheme_names_it(project, how, reason)
         assert "without an exit marker" in (project / "Quick/job001/run.err").read_text()
 
 
-def test_job_type_not_implemented_stops_the_scheme(project, monkeypatch):
+def test_job_type_not_implemented_stops_the_scheme_before_any_job(project, monkeypatch):
+    # a registered type whose module does not exist: refused when the run starts (scheme
+    # validation), not when the node is reached
     monkeypatch.setenv("SCOPESIDE_EXTRA_JOBS", "test.missing=tests.app.schemes.no_such_module")
-    one_job_scheme(project, label="test.missing")
+    one_job_scheme(project, label="test.missing", validate=False)
     res = Schemer(project, "t", InlineExecutor(), poll_s=0.05).run()
     assert res.state == "failed"
-    assert "job job (Missing/job001/) failed: job type test.missing" in res.message
-    assert "not implemented yet" in res.message
+    assert "scheme t: the scheme reaches 1 job(s) whose type scopeside does not implement: " \
+           "job (test.missing: not implemented yet)" in res.message
+    assert res.visited == []
+    assert not (project / "Missing").exists()
 
 
 def test_abort_during_wait_stops_within_seconds(project):
