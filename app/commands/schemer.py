@@ -74,8 +74,10 @@ def _print_status(st: dict) -> None:
         print(f"    {k:<22} {v['type']:<6} {v['value']!s:<40} (reset {v['reset']})")
     print("  jobs:")
     for j in st["jobs"]:
-        print(f"    {j['name']:<14} {j['current']:<22} {j['mode']:<8} {j['type']:<22} "
-              f"{j['state']}")
+        mode = j["mode"] if j.get("mode_ok", True) else f"{j['mode']!r}?"  # '' -> ''? not blank
+        print(f"    {j['name']:<14} {j['current']:<22} {mode:<8} {j['type']:<22} "
+              f"{j['state']}" + ("" if j.get("mode_ok", True) else
+                                 "  (mode is neither new nor continue)"))
 
 
 def main(args) -> int:

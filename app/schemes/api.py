@@ -73,6 +73,7 @@ def status(project: str | Path, name: str) -> dict[str, Any]:
             jstate = exit_status(project / j.current_name) or (
                 "running" if state == "running" and ori == sch.current_node else "incomplete")
         jobs.append({"name": ori, "current": j.current_name, "mode": j.mode,
+                     "mode_ok": j.mode_is_known,
                      "has_started": j.has_started, "type": label, "state": jstate})
     variables = {}
     for kind, table in (("float", sch.floats), ("bool", sch.bools), ("string", sch.strings)):

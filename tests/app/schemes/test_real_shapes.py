@@ -277,3 +277,16 @@ def test_relion_templates_validate_without_warnings(tmp_path, caplog, build):
         loaded = Scheme.load(tmp_path, sch.name)
     assert set(jobs) <= loaded.reachable_nodes()
     assert caplog.records == []
+
+
+def test_status_marks_an_unknown_mode_instead_of_a_blank(tmp_path, capsys):
+    from app.cli import run
+    from app.schemes import api
+
+    proj = _amy_project(tmp_path)
+    jobs = {j["name"]: j for j in api.status(proj, "amy")["jobs"]}
+    assert jobs["importmovies"]["mode"] == "" and jobs["importmovies"]["mode_ok"] is False
+    assert all(j["mode_ok"] for n, j in jobs.items() if n != "importmovies")
+    assert run(["schemer", "--project", str(proj), "--scheme", "amy", "--status"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "importmovies" in ln)
+    assert "''?" in line and "mode is neither new nor continue" in line
