@@ -421,7 +421,8 @@ def ctf_done_stems(project: Path) -> set[str]:
 # ------------------------------------------------------------------------------ progress
 
 
-_ETA_RE = re.compile(r"(\d+)/(\d+) \((\d+)%\).*ETA (\d+):(\d\d):(\d\d)")
+_ETA_RE = re.compile(r"(?:^|\n)(?:\d\d:\d\d:\d\d )?(?P<what>[^\n]*?) ?(\d+)/(\d+) \((\d+)%\)"
+                     r"[^\n]*?(?:elapsed (?P<el>\d+:\d\d:\d\d), )?ETA (\d+):(\d\d):(\d\d)")
 
 #: nominal seconds of each stage for the default demo on an idle 2-core machine (ETA model)
 #: (measured 2026-12: motioncorr done at ~0:57 incl. simulation, class2d 78 s, inimodel3d 118 s
@@ -444,7 +445,13 @@ def job_progress(project: Path, job_dir: str) -> str:
     if not found:
         return ""
     m = found[-1]
-    return f"{m.group(1)}/{m.group(2)} ({m.group(3)}%) ETA {m.group(4)}:{m.group(5)}:{m.group(6)}"
+    g = m.groups()
+    what = (m.group("what") or "").strip()
+    if what.startswith("iteration"):
+        # an auto-refine iteration: its ETA is that iteration's, not the job's (the number
+        # of iterations is not known in advance), so it is not shown as one
+        return f"{what} {g[1]}/{g[2]} ({g[3]}%) elapsed {m.group('el') or '?'}"
+    return f"{g[1]}/{g[2]} ({g[3]}%) ETA {g[5]}:{g[6]}:{g[7]}"
 
 
 class Progress:
@@ -492,16 +499,26 @@ class Progress:
     def eta(self, remaining: list[str], current_eta_s: float | None) -> float:
         """Remaining seconds: the running job's own ETA plus nominal times of the stages still
         to come, scaled by how fast the finished stages went against their nominal times."""
+        rest = sum(NOMINAL_S.get(s, 10.0) for s in remaining) * self.speed()
+        return rest + (current_eta_s or 0.0)
+
+    def speed(self) -> float:
+        """Wall time of the finished stages over their nominal times (0.3-10)."""
         done_nominal = sum(NOMINAL_S.get(s, 10.0) for s in self.done_stages)
         speed = (self.elapsed() / done_nominal) if done_nominal > 30 else 1.0
-        speed = min(max(speed, 0.3), 10.0)
-        rest = sum(NOMINAL_S.get(s, 10.0) for s in remaining) * speed
-        return rest + (current_eta_s or 0.0)
+        return min(max(speed, 0.3), 10.0)
 
 
 def _hms(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _elapsed_seconds(prog: str) -> float | None:
+    m = re.search(r"elapsed (\d+):(\d\d):(\d\d)", prog)
+    if not m:
+        return None
+    return int(m.group(1)) * 3600 + int(m.group(2)) * 60 + int(m.group(3))
 
 
 def _eta_seconds(prog: str) -> float | None:
@@ -833,7 +850,10 @@ def _monitor(cfg: DemoConfig, project: Path, threads: list[SchemeThread], prog: 
             st, jd = _job_state(project, t.name, node) if node not in ("", "-") else ("", "")
             p = job_progress(project, jd) if jd and st == "running" else ""
             if p:
-                cur_eta = max(cur_eta or 0.0, _eta_seconds(p) or 0.0)
+                left = _eta_seconds(p)
+                if left is None:  # an iterative job: its nominal time less what it has run
+                    left = NOMINAL_S.get(node, 60.0) * prog.speed() - (_elapsed_seconds(p) or 0.0)
+                cur_eta = max(cur_eta or 0.0, left, 0.0)
             parts.append(f"{t.name}: {node}" + (f" {jd} {p}" if jd and st == "running" else ""))
             if node != last_node.get(t.name) and node not in ("WAIT", "EXIT_maxtime", "-"):
                 last_node[t.name] = node

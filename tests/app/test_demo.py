@@ -239,6 +239,15 @@ def test_demo_helpers(tmp_path):
     (job / "run.out").write_text("x\n07:22:05 movies 1/4 (25%) elapsed 0:00:12, ETA 0:00:36\n"
                                  "07:22:12 movies 2/4 (50%) elapsed 0:00:19, ETA 0:00:19\n")
     assert job_progress(tmp_path, "MotionCorr/job002") == "2/4 (50%) ETA 0:00:19"
+    # an auto-refine iteration's ETA is that iteration's: shown as progress, not as the job's
+    ref = tmp_path / "Refine3D" / "job010"
+    ref.mkdir(parents=True)
+    (ref / "run.out").write_text("08:35:06 iteration 10 particles 400/1598 (25%) elapsed "
+                                 "0:01:13, ETA 0:00:23\n")
+    p = job_progress(tmp_path, "Refine3D/job010")
+    assert p == "iteration 10 particles 400/1598 (25%) elapsed 0:01:13"
+    from app.demo import NOMINAL_S, _elapsed_seconds, _eta_seconds
+    assert _eta_seconds(p) is None and _elapsed_seconds(p) == 73 < NOMINAL_S["refine3d"]
 
 
 def test_demo_command_rejects_bad_options(tmp_path, capsys):
