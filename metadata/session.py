@@ -257,8 +257,23 @@ def index_serialem_folder(root: str | Path) -> SessionIndex:
         except MetadataError as exc:
             session.warnings.append(str(exc))
             continue
+        # a navigator montage (grid/square maps) or an image stack saved without frames lives
+        # in the same folder as the frame mdocs: its sections are images, not movies
+        movie_sections = [k for k, rec in enumerate(m.sections)
+                          if m.is_frame_mdoc or rec.sub_frame_path]
+        if len(movie_sections) < len(m.sections):
+            n_img = len(m.sections) - len(movie_sections)
+            idx.skipped_images += n_img
+            montage = (m.n_montage_sections or str(m.global_data.get("Montage", "")).strip() == "1"
+                       or _has_piece_coordinates(p))
+            what = "a montage" if montage else "an image stack"
+            session.warnings.append(f"{p.name}: {what} with {n_img} image(s) without frames "
+                                    "(not movies), skipped")
+        if not movie_sections:
+            continue
         first = first or m
-        for k, rec in enumerate(m.sections):
+        for k in movie_sections:
+            rec = m.sections[k]
             movie = Path(rec.movie_path) if rec.movie_path and Path(rec.movie_path).exists() else None
             idx.items.append(SessionItem(p, movie, section=k))
             if movie is None:
@@ -271,6 +286,14 @@ def index_serialem_folder(root: str | Path) -> SessionIndex:
     session.n_metadata_without_movie = len(idx.metadata_without_movie)
     session.derived = ["n_movies", "n_metadata_without_movie"]
     return idx
+
+
+def _has_piece_coordinates(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return b"PieceCoordinates" in fh.read(1 << 16)
+    except OSError:
+        return False
 
 
 _SESSION_ROOT = re.compile(rb"<(?:[\w.-]+:)?EpuSessionXml[\s/>]")

@@ -203,3 +203,22 @@ def test_summary_takes_epu_version_from_the_movie_xml(epu_session):
     same = session.session_summary(res.session, first.model_copy(
         update={"software_version": "1.12.0.79"}))
     assert same["software_version"] == "1.12.0.79" and "session_file_version" not in same
+
+
+def test_serialem_folder_skips_montage_and_image_stacks(tmp_path):
+    """Navigator maps (montage mdocs) and frame-less image stacks share the folder with the
+    frame mdocs in real sessions; they sort first here and must not become movies."""
+    synth.write_mdoc(tmp_path / "gm.mrc.mdoc", variant="montage", n_sections=6,
+                     pixel_size_a=76.8, sub_frame_path=None, magnification=2250)
+    synth.write_mdoc(tmp_path / "anchor.mrc.mdoc", variant="stack", n_sections=2,
+                     pixel_size_a=20.0, sub_frame_path=None)
+    for i in (1, 2):
+        synth.write_mdoc(tmp_path / f"movie_{i:03d}.tif.mdoc", pixel_size_a=0.83)
+        synth.write_movie_stub(tmp_path / f"movie_{i:03d}.tif", n_frames=40)
+    res = session.read_any(tmp_path)
+    assert res.kind == "serialem-session" and res.n_movies == 2
+    assert res.record.pixel_size_a == pytest.approx(0.83)
+    assert res.index.skipped_images == 8
+    warns = " | ".join(res.session.warnings)
+    assert "gm.mrc.mdoc: a montage with 6 image(s)" in warns
+    assert "anchor.mrc.mdoc: an image stack with 2 image(s)" in warns
