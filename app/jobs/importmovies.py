@@ -17,7 +17,7 @@ on-the-fly scheme can start before the first movie lands.
 from __future__ import annotations
 
 import glob
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import pandas as pd
 
@@ -26,6 +26,8 @@ from app.jobs.base import Job, JobContext, Option, Unsupported
 from metadata.star import read_star, write_star
 
 MOVIES_NODE = "MicrographMovieGroupMetadata.star.relion"
+#: files the pattern matched that are not movies (SerialEM montages / image stacks)
+SKIPPED_FILE = "skipped_not_movies.txt"
 MICS_NODE = "MicrographGroupMetadata.star.relion"
 
 
@@ -77,6 +79,25 @@ class ImportJob(Job):
                 known = [str(v) for v in old[table][name_col]]
         seen = set(known)
         new = [f for f in found if f not in seen]
+        if multi:
+            # SerialEM maps/stacks beside the frames; remembered so a continue does not re-warn
+            skip_file = ctx.path(SKIPPED_FILE)
+            skipped = set(skip_file.read_text(encoding="utf-8").splitlines()) \
+                if ctx.is_continue and skip_file.is_file() else set()
+            kept, newly = [], []
+            for f in new:
+                if f in skipped:
+                    continue
+                why = _not_a_movie(Path(f) if Path(f).is_absolute() else root / f)
+                if why:
+                    ctx.warning("%s skipped: %s", f, why)
+                    newly.append(f)
+                else:
+                    kept.append(f)
+            if newly:
+                skip_file.write_text("".join(f"{x}\n" for x in sorted(skipped | set(newly))),
+                                     encoding="utf-8")
+            new = kept
         names = known + new
         if not found:
             ctx.warning("no files match %s (yet)", pattern)
@@ -102,6 +123,35 @@ class ImportJob(Job):
         rows = pd.DataFrame({name_col: names, "rlnOpticsGroup": [1] * len(names)})
         write_star(out, {"optics": pd.DataFrame(optics), table: rows})
         ctx.add_output_node(out, MOVIES_NODE if multi else MICS_NODE)
+
+
+def _not_a_movie(path: Path) -> str | None:
+    """Why a file matched by the movie pattern is not a movie, from its SerialEM ``.mdoc``.
+
+    SerialEM keeps navigator maps (montages) and tilt-series / anchor image stacks in the
+    session folder beside the frames, all as ``.mrc``; their mdoc has ``[ZValue]`` sections
+    (a movie's own mdoc has ``[FrameSet]``). ``None`` when it is a movie or cannot be told.
+    """
+    from metadata.errors import MetadataError
+    from metadata.mdoc import parse_mdoc
+
+    md = path.with_name(path.name + ".mdoc")
+    if not md.is_file():
+        return None
+    try:
+        m = parse_mdoc(md)
+    except MetadataError:
+        return None
+    if m.is_frame_mdoc:
+        return None
+    if m.n_montage_sections or str(m.global_data.get("Montage", "")).strip() == "1":
+        return f"a montage ({len(m.sections)} pieces; {md.name})"
+    if len(m.sections) > 1:
+        return f"an image stack of {len(m.sections)} images ({md.name})"
+    sfp = m.sections[0].sub_frame_path
+    if sfp and PureWindowsPath(sfp).name != path.name:
+        return f"an image whose frames are in {PureWindowsPath(sfp).name} ({md.name})"
+    return None
 
 
 JOB = ImportJob

@@ -162,3 +162,34 @@ def test_dm4_gain_reference_as_serialem_copies_it(project):
     assert run_job("motioncorr", root / "MotionCorr/job003", opts, is_continue=True,
                    project_dir=root) == 0
     assert (root / mics["job003_gain"]).stat().st_mtime_ns == stamp
+
+
+def test_import_skips_serialem_montages_and_image_stacks(tmp_path, caplog):
+    """A SerialEM folder holds navigator montages and image stacks as .mrc beside .mrc movies:
+    'Movies/*.mrc' must not import them as movies (their mdoc has [ZValue] sections)."""
+    from metadata.synth import write_mdoc, write_movie_stub
+
+    mov = tmp_path / "Movies"
+    for name in ("m_001.mrc", "m_002.mrc", "gm.mrc", "ts.mrc", "single.mrc"):
+        write_movie_stub(mov / name, n_frames=4, shape=(32, 32))
+    for name in ("m_001.mrc", "m_002.mrc"):
+        write_mdoc(mov / f"{name}.mdoc", sub_frame_path=rf"X:\f\{name}")
+    write_mdoc(mov / "gm.mrc.mdoc", variant="montage", n_sections=4, sub_frame_path=None)
+    write_mdoc(mov / "ts.mrc.mdoc", variant="tilt_series", n_sections=3)
+    # a one-image stack mdoc that does not say where its frames are: kept (cannot be told)
+    write_mdoc(mov / "single.mrc.mdoc", variant="stack", n_sections=1, sub_frame_path=None)
+    opts = {"fn_in_raw": "Movies/*.mrc", "angpix": "1"}
+    assert run_job("import", tmp_path / "Import/job001", opts, project_dir=tmp_path) == 0
+    names = read_star(tmp_path / "Import/job001/movies.star")["movies"]["rlnMicrographMovieName"]
+    assert sorted(names) == ["Movies/m_001.mrc", "Movies/m_002.mrc", "Movies/single.mrc"]
+    log = (tmp_path / "Import/job001/skipped_not_movies.txt").read_text().split()
+    assert log == ["Movies/gm.mrc", "Movies/ts.mrc"]
+    # continue: a new movie is added, the skipped files are not looked at again
+    write_movie_stub(mov / "m_003.mrc", n_frames=4, shape=(32, 32))
+    write_mdoc(mov / "m_003.mrc.mdoc", sub_frame_path=r"X:\f\m_003.mrc")
+    caplog.clear()
+    assert run_job("import", tmp_path / "Import/job001", opts, is_continue=True,
+                   project_dir=tmp_path) == 0
+    names = read_star(tmp_path / "Import/job001/movies.star")["movies"]["rlnMicrographMovieName"]
+    assert list(names)[-1] == "Movies/m_003.mrc" and len(names) == 4
+    assert not any("skipped" in r.getMessage() for r in caplog.records)
