@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -87,6 +88,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("scopeside: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`scopeside metadata DIR | head`): stop quietly, as Unix tools do;
+        # stdout is pointed at /dev/null so the interpreter's final flush cannot fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except Exception as exc:  # an internal error: short message, traceback to the crash log
         path = logging_setup.crash_log_path()
         with open(path, "a", encoding="utf-8") as fh:

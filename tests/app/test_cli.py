@@ -86,3 +86,19 @@ def test_job_with_project_keeps_its_logs_in_the_project(tmp_path):
     assert (job / "run.out").is_file() and (job / "RELION_JOB_EXIT_SUCCESS").is_file()
     assert "movies" in (job / "run.out").read_text()
     assert list(elsewhere.iterdir()) == []
+
+
+def test_closed_pipe_is_a_quiet_exit_not_an_internal_error():
+    """`scopeside metadata DIR | head`: the reader leaves early; no "internal error" line."""
+    code = ("import sys, app.commands.config as c\n"
+            "c.main = lambda args: print('x' * 2_000_000)\n"
+            "from app.cli import run\n"
+            "sys.exit(run(['config']))\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert p.stdout.read(10) == b"x" * 10
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141, err
+    assert "internal error" not in err and "Traceback" not in err
