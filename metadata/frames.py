@@ -226,11 +226,21 @@ def _open_tiff(p: Path, fmt: str, eer_grouping: int, eer_upsampling: int) -> Mov
             tf.close()
             raise MetadataError(f"EER has {n_pages} event frames, fewer than the grouping {g}", p)
         up = max(1, int(eer_upsampling))
+        if up not in (1, 2, 4):
+            tf.close()
+            raise MetadataError(f"EER upsampling {up}: 1, 2 or 4", p)
+
+        if up > 1:
+            # tifffile renders EER sub-pixel positions itself (its superres level k = 2^k x,
+            # with the bit layout of each compression 65000/65001/65002 from the file's tags)
+            tf.close()
+            tf = tifffile.TiffFile(p, superres=int(np.log2(up)))
+            pages = tf.pages
 
         def get_eer(i: int) -> np.ndarray:
             acc = None
             for j in range(i * g, (i + 1) * g):
-                fr = _eer_page(pages[j], up)
+                fr = pages[j].asarray()
                 acc = fr.astype(np.uint16) if acc is None else acc + fr
             return acc
 
@@ -241,26 +251,6 @@ def _open_tiff(p: Path, fmt: str, eer_grouping: int, eer_upsampling: int) -> Mov
         return pages[i].asarray()
 
     return MovieFrames(p, "tiff", n_pages, shape, dtype, get, tf.close)
-
-
-def _eer_page(page, upsampling: int) -> np.ndarray:
-    """Decode one EER event frame (tifffile + imagecodecs' EER codec)."""
-    if upsampling == 1:
-        return page.asarray()
-    try:
-        import imagecodecs  # noqa: PLC0415
-
-        data = page.parent.filehandle
-        data.seek(page.dataoffsets[0])
-        raw = data.read(sum(page.databytecounts))
-        comp = int(page.compression)
-        rlebits, horzbits, vertbits = (7, 2, 2) if comp == 65001 else (8, 2, 2)
-        return imagecodecs.eer_decode(raw, (page.shape[0] * upsampling,
-                                            page.shape[1] * upsampling),
-                                      rlebits, horzbits, vertbits, superres=True)
-    except Exception as exc:
-        raise MetadataError(f"EER super-resolution rendering failed ({exc})",
-                            page.parent.filehandle.path) from None
 
 
 def read_gain(path: str | Path) -> np.ndarray:

@@ -237,3 +237,23 @@ def test_eer_movie_file(tmp_path):
     h = read_movie_header(p)
     assert h.format == "eer" and h.n_frames == 30 and abs(h.pixel_size_a - 0.9) < 1e-9
     assert h.extended["exposure_time_s"] == 3.0
+
+
+@pytest.mark.parametrize("up", [1, 2, 4])
+def test_eer_open_movie_grouping_and_upsampling(tmp_path, up):
+    """open_movie groups EER frames and renders 2x/4x super-resolution (tifffile's superres):
+    every electron is kept and lands inside its physical pixel."""
+    from app.simulation.eer import write_eer
+    from metadata.frames import open_movie
+
+    rng = np.random.default_rng(4)
+    fractions = rng.poisson(0.2, (2, 32, 48)).astype(np.uint8)
+    p = write_eer(tmp_path / "m.eer", fractions, eer_frames_per_fraction=5, seed=3)
+    with tifffile.TiffFile(p) as tf:
+        raw = tf.asarray().astype(np.int64)  # (10, 32, 48) event frames
+    with open_movie(p, eer_grouping=5, eer_upsampling=up) as mv:
+        assert len(mv) == 2 and mv.shape == (2, 32 * up, 48 * up)
+        for i in range(2):
+            fr = mv[i].astype(np.int64)
+            binned = fr.reshape(32, up, 48, up).sum(axis=(1, 3))
+            np.testing.assert_array_equal(binned, raw[5 * i: 5 * i + 5].sum(0))
