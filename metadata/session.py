@@ -261,11 +261,13 @@ def index_serialem_folder(root: str | Path) -> SessionIndex:
         # in the same folder as the frame mdocs: its sections are images, not movies
         movie_sections = [k for k, rec in enumerate(m.sections)
                           if m.is_frame_mdoc or rec.sub_frame_path]
+        montage = bool(m.n_montage_sections or str(m.global_data.get("Montage", "")).strip() == "1"
+                       or _has_piece_coordinates(p))
+        if not movie_sections and not montage and len(m.sections) == 1:
+            movie_sections = [0]  # one image, no frame path: may be an old frame mdoc; kept
         if len(movie_sections) < len(m.sections):
             n_img = len(m.sections) - len(movie_sections)
             idx.skipped_images += n_img
-            montage = (m.n_montage_sections or str(m.global_data.get("Montage", "")).strip() == "1"
-                       or _has_piece_coordinates(p))
             what = "a montage" if montage else "an image stack"
             session.warnings.append(f"{p.name}: {what} with {n_img} image(s) without frames "
                                     "(not movies), skipped")

@@ -215,8 +215,11 @@ def test_serialem_folder_skips_montage_and_image_stacks(tmp_path):
     for i in (1, 2):
         synth.write_mdoc(tmp_path / f"movie_{i:03d}.tif.mdoc", pixel_size_a=0.83)
         synth.write_movie_stub(tmp_path / f"movie_{i:03d}.tif", n_frames=40)
+    # one image and no frame path cannot be told from an old-style frame mdoc: kept
+    synth.write_mdoc(tmp_path / "zz_single.tif.mdoc", variant="stack", n_sections=1,
+                     pixel_size_a=0.83, sub_frame_path=None)
     res = session.read_any(tmp_path)
-    assert res.kind == "serialem-session" and res.n_movies == 2
+    assert res.kind == "serialem-session" and res.n_movies == 3
     assert res.record.pixel_size_a == pytest.approx(0.83)
     assert res.index.skipped_images == 8
     warns = " | ".join(res.session.warnings)
