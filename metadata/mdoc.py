@@ -471,11 +471,12 @@ def _section_record(p: Path, kind: str, vals: dict[str, str], glob: dict[str, st
     check_pixel_vs_magnification(b, binning if b.get("pixel_size_a") == stack_px else None)
     if fdn and all(d > 0 for d, _ in fdn) and "total_dose_e_a2" not in b.derived:
         total, from_frames = b.get("total_dose_e_a2"), sum(d * c for d, c in fdn)
+        per_frame = b.get("dose_per_frame_e_a2")
         if total and abs(from_frames - total) > 0.1 * total:
             b.warn(f"ExposureDose {total:g} e/A^2 disagrees with FrameDosesAndNumber "
-                   f"({from_frames:.4g} e/A^2 over {sum(c for _, c in fdn)} frames); dose "
-                   f"weighting will use {b.get('dose_per_frame_e_a2'):.4g} e/A^2 per frame "
-                   "— check which is right")
+                   f"({from_frames:.4g} e/A^2 over {sum(c for _, c in fdn)} frames)"
+                   + (f"; dose weighting will use {per_frame:.4g} e/A^2 per frame"
+                      if per_frame else "") + " — check which is right")
     # defocus: the target is what the operator set; Defocus is the scope reading
     td = _f(vals, "TargetDefocus", p)
     if td is not None:
