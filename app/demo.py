@@ -229,13 +229,12 @@ def confirm_settings(cfg: DemoConfig, session: Path, n_truth_particles: int):
     if missing:
         raise UserError(f"{session}: the metadata lacks {', '.join(missing)}")
     if rec.gain_reference:
-        g = Path(rec.gain_reference)
-        if not g.is_absolute():
-            g = (Path(rec.movie_path).parent if rec.movie_path else session) / g
-        if not g.exists():
-            g = session / Path(rec.gain_reference).name
-        if g.exists():
-            values["gain_reference"] = g.resolve()
+        from metadata.config import locate_gain_reference
+
+        g, _, _ = locate_gain_reference(rec.gain_reference, movie_path=rec.movie_path,
+                                        session_dir=session)
+        if g is not None:
+            values["gain_reference"] = g
             prov["gain_reference"] = f"metadata: {src.get('gain_reference', 'record')}"
     if "gain_reference" not in values:
         for cand in (session / "gain_reference.mrc", *session.glob("CountRef_*.mrc"),

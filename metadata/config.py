@@ -344,6 +344,40 @@ def detector_for(record: MovieRecord, cfg: InstrumentConfig) -> Detector | None:
     return found[1] if found else None
 
 
+def locate_gain_reference(named: str | None, *, movie_path: str | Path | None = None,
+                          session_dir: str | Path | None = None, det: Detector | None = None
+                          ) -> tuple[Path | None, str | None, str | None]:
+    """Where the gain reference is: ``(path, how, warning)``.
+
+    ``named`` is what the metadata says (SerialEM's ``GainReference`` is a bare file name,
+    or a Windows path on the camera PC); it is looked up as given, then by its name next to
+    the movie and in the session folder. Without a name, the detector's configured rule
+    (:func:`find_gain_reference`) is tried. ``path`` is ``None`` when nothing was found;
+    ``warning`` then says what to enter.
+    """
+    from pathlib import PureWindowsPath
+
+    movie_dir = Path(movie_path).parent if movie_path else None
+    sess = Path(session_dir) if session_dir else None
+    if sess is not None and sess.is_file():
+        sess = sess.parent
+    if named:
+        base = PureWindowsPath(named).name if ("\\" in named or ":" in named) else Path(named).name
+        cands = [Path(named)] if Path(named).is_absolute() else []
+        cands += [d / base for d in (movie_dir, sess) if d is not None]
+        for c in cands:
+            if c.is_file():
+                return c.resolve(), f"named in the metadata ({named}), found in {c.parent}", None
+        where = " or ".join(str(d) for d in (movie_dir, sess) if d is not None) or "here"
+        return None, None, (f"the metadata names the gain reference {named}, which is not in "
+                            f"{where}: enter its path")
+    found = find_gain_reference(det, movie_dir, sess)
+    if found is not None:
+        return found.resolve(), "detector gain-reference rule of the instrument config", \
+            f"gain reference {found.name} found by the detector's rule: check it is this session's"
+    return None, None, None
+
+
 def find_gain_reference(det: Detector | None, movie_dir: str | Path | None,
                         session_dir: str | Path | None = None) -> Path | None:
     """Apply a detector's ``gain_reference`` rule: the newest file matching the first pattern

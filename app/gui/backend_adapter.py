@@ -86,7 +86,7 @@ def parse_session(path: str | Path) -> ParsedSession:
     UserError, MetadataError
         The path does not exist, holds no EPU/SerialEM metadata, or a file cannot be read.
     """
-    from metadata.config import detector_for, load_instruments
+    from metadata.config import detector_for, load_instruments, locate_gain_reference
     from metadata.session import read_any
 
     p = Path(path).expanduser()
@@ -119,6 +119,16 @@ def parse_session(path: str | Path) -> ParsedSession:
     if mtf:
         values["mtf_file"] = (mtf, "instrument config: detector MTF", None)
     warnings += list(rec.warnings)
+    # the gain reference as a file that exists: SerialEM names it without a folder
+    gain, how, gain_warning = locate_gain_reference(
+        rec.gain_reference, movie_path=rec.movie_path,
+        session_dir=p if p.is_dir() else p.parent, det=det)
+    if gain is not None:
+        src = (rec.source or {}).get("gain_reference")
+        values["gain_reference"] = ((str(gain), f"{src} ({how})", None) if rec.gain_reference
+                                    else (str(gain), None, how))
+    if gain_warning:
+        warnings.append(gain_warning)
     sw = (rec.software or (res.session.software if res.session else None) or "")
     kind = ("EPU" if res.kind.startswith("epu") or "epu" in sw.lower() else
             "SerialEM" if "serialem" in res.kind or res.kind == "mdoc" else res.kind)
@@ -229,6 +239,10 @@ def create_project(settings: dict[str, Any], session_path: Path | None,
     if (project / "Schemes").exists():
         raise UserError(f"{project}: already a project; use 'Open project' to monitor it")
     ps = processing_settings(settings, session_path, movie_path)
+    gain = settings.get("gain_reference")
+    if gain and not Path(str(gain)).expanduser().is_file():
+        raise UserError(f"Gain reference {gain}: file not found (give its full path, or clear "
+                        "the field if the movies are gain-corrected)")
     template = settings.get("slurm_template")
     if settings.get("executor") == "slurm" and not (template and Path(template).is_file()):
         raise UserError(f"SLURM template {template!r} is not a file")

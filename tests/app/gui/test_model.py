@@ -217,3 +217,44 @@ def test_topaz_choice_needs_topaz():
     assert any("Topaz is not installed" in p for p in f.problems())
     f.topaz_available = True
     assert not any("Topaz" in p for p in f.problems())
+
+
+def test_parse_session_finds_the_gain_reference_serialem_names(tmp_path):
+    """SerialEM's GainReference is a bare name (CountRef_*.dm4 beside the frames): the form
+    gets the file's full path; a name that is nowhere gives a warning and blocks Start."""
+    from metadata import synth
+
+    sess = tmp_path / "sess"
+    synth.write_mdoc(sess / "m_001.tif.mdoc", gain_reference="CountRef_A.dm4")
+    synth.write_movie_stub(sess / "m_001.tif", n_frames=40)
+    synth.write_dm4_image(sess / "CountRef_A.dm4", np.ones((64, 64), np.float32))
+    ps = be.parse_session(sess)
+    value, source, derived = ps.values["gain_reference"]
+    assert value == str((sess / "CountRef_A.dm4").resolve()) and derived is None
+    assert "GainReference" in source and "found in" in source
+    (sess / "CountRef_A.dm4").unlink()
+    ps = be.parse_session(sess)
+    assert ps.values["gain_reference"][0] == "CountRef_A.dm4"
+    assert any("names the gain reference CountRef_A.dm4, which is not in" in w
+               for w in ps.warnings)
+    base = {"pixel_size_a": 1.0, "voltage_kv": 300.0, "cs_mm": 2.7, "dose_per_frame_e_a2": 1.0,
+            "particle_diameter_a": 150.0, "gain_reference": "CountRef_A.dm4"}
+    with pytest.raises(UserError, match="Gain reference CountRef_A.dm4: file not found"):
+        be.create_project({**base, "project_dir": str(tmp_path / "p")}, sess)
+    assert not (tmp_path / "p").exists()
+
+
+def test_parse_session_uses_the_detector_gain_rule_when_the_metadata_names_none(tmp_path):
+    """EPU writes no gain name for a K3; the config's K3 rule finds {session}/*.gain."""
+    from metadata import synth
+
+    sess = tmp_path / "epu"
+    synth.write_epu_session(sess, n_grid_squares=1, holes_per_square=1, shots_per_hole=1,
+                            camera_name="EF-CCD", detector_commercial_name="BioQuantum K3",
+                            readout_width=5760, readout_height=4092)
+    synth.write_movie_stub(sess / "K3_gain.gain", n_frames=1, shape=(8, 8))
+    ps = be.parse_session(sess)
+    value, source, derived = ps.values["gain_reference"]
+    assert value == str((sess / "K3_gain.gain").resolve())
+    assert source is None and "gain-reference rule" in derived
+    assert any("found by the detector's rule" in w for w in ps.warnings)
