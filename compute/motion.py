@@ -1053,6 +1053,27 @@ def check_frame(frame, index: int, xp: ModuleType = np) -> None:
         raise ComputeError(f"frame {index + 1} is all zeros")
 
 
+def eer_gain(gain, frame_shape: tuple[int, int], multiplicative: bool = True):
+    """A gain reference made fit for EER frames of ``frame_shape``, by RELION's rules.
+
+    - A gain at twice the frame size (an 8K gain for 4K EER frames) is reduced by 2 x 2
+      blocks (the mean; RELION sums, which only rescales the output).
+    - Thermo Fisher's ``.gain`` is multiplicative; any other gain file given for EER movies
+      holds counts and is inverted (``mean / gain``; zero stays zero, i.e. a defect).
+    """
+    xp = xp_of(gain)
+    g = xp.asarray(gain, dtype=np.float32)
+    h, w = int(frame_shape[0]), int(frame_shape[1])
+    if g.shape == (2 * h, 2 * w):
+        g = g.reshape(h, 2, w, 2).mean(axis=(1, 3))
+    if not multiplicative:
+        pos = g > 0
+        if bool(pos.any()):
+            mean = float(g[pos].mean())
+            g = xp.where(pos, mean / xp.where(pos, g, 1.0), 0.0).astype(np.float32)
+    return g
+
+
 def _prepare_gain(gain, shape, xp):
     if gain is None:
         return None, None

@@ -144,6 +144,10 @@ def open_movie(path: str | Path, eer_grouping: int = 32, eer_upsampling: int = 1
         EER: number of raw event frames summed into one frame.
     eer_upsampling
         EER: 1 renders at the physical 4K grid, 2 at 8K (super-resolution).
+
+    Orientation: row ``y`` of a frame is RELION's row ``y``. MRC and EER frames are used as
+    stored; TIFF frames are flipped in Y, as RELION, MotionCor2, IMOD, EMAN2 and SerialEM do
+    (TIFF's origin is top-left, MRC's bottom-left).
     """
     p = Path(path)
     if not p.is_file():
@@ -248,24 +252,35 @@ def _open_tiff(p: Path, fmt: str, eer_grouping: int, eer_upsampling: int) -> Mov
         return MovieFrames(p, "eer", n, out_shape, np.uint16, get_eer, tf.close, g)
 
     def get(i: int) -> np.ndarray:
-        return pages[i].asarray()
+        # flipped in Y, as RELION, MotionCor2, IMOD, EMAN2 and SerialEM read (and write) TIFF:
+        # TIFF's origin is top-left, MRC's bottom-left; without the flip micrographs (and the
+        # map's hand) would be mirrored against theirs, and MRC gains would not fit
+        return np.ascontiguousarray(pages[i].asarray()[::-1])
 
     return MovieFrames(p, "tiff", n_pages, shape, dtype, get, tf.close)
 
 
 def read_gain(path: str | Path) -> np.ndarray:
     """A gain reference as float32 (MRC; TIFF incl. EER ``.gain``; Gatan ``.dm4``/``.dm3``, as
-    SerialEM copies a K2/K3's ``CountRef_*.dm4``); a 3D file uses slice 0."""
+    SerialEM copies a K2/K3's ``CountRef_*.dm4``); a 3D file uses slice 0.
+
+    Orientation as RELION/IMOD read them: MRC as stored; ``.tif``/``.tiff`` and DigitalMicrograph
+    files flipped in Y (top-left origin, like TIFF movies, see :func:`open_movie`); Thermo
+    Fisher's ``.gain`` as stored (EER frames are not flipped either; with TIFF movies the
+    caller flips it like them).
+    """
     p = Path(path)
     if not p.is_file():
         raise MetadataError("gain reference not found", p)
     suf = p.suffix.lower()
+    flip = False
     try:
         if suf in DM_SUFFIXES:
             from ncempy.io import dm  # noqa: PLC0415 - only needed for Gatan files
 
             with dm.fileDM(str(p), on_memory=True) as f:
                 g = np.array(f.getDataset(0)["data"], dtype=np.float32)
+            flip = True  # top-left origin, flipped like IMOD's dm2mrc
         elif suf in MRC_SUFFIXES:
             with mrcfile.open(p, permissive=True) as m:
                 if m.data is None:
@@ -275,6 +290,9 @@ def read_gain(path: str | Path) -> np.ndarray:
             import tifffile  # noqa: PLC0415
 
             g = np.asarray(tifffile.imread(p), dtype=np.float32)
+            # a .tif/.tiff gain is flipped like TIFF movies; Thermo Fisher's .gain (EER) is
+            # used as stored, as RELION's EER renderer does
+            flip = suf in TIFF_SUFFIXES
     except MetadataError:
         raise
     except Exception as exc:
@@ -284,7 +302,7 @@ def read_gain(path: str | Path) -> np.ndarray:
         g = g[0]
     if g.ndim != 2:
         raise MetadataError(f"gain reference must be 2D, got shape {g.shape}", p)
-    return g
+    return np.ascontiguousarray(g[::-1]) if flip else g
 
 
 def read_defects(path: str | Path, shape: tuple[int, int]) -> np.ndarray:

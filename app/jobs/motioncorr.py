@@ -40,6 +40,7 @@ from compute.motion import (
     MotionOptions,
     MotionResult,
     correct_motion,
+    eer_gain,
     power_spectrum_for_ctf,
     transform_gain,
 )
@@ -310,6 +311,21 @@ class MotionCorrJob(Job):
             def note(stage: str) -> None:
                 ctx.check_abort()
 
+            if gain is not None and fmt == "tiff" and \
+                    str(ctx.get("fn_gain_ref", "")).lower().endswith(".gain"):
+                # a Thermo Fisher .gain is a TIFF: with TIFF movies it is flipped like them
+                key = ("tiff-gain", *shape)
+                if key not in gain_cache:
+                    gain_cache[key] = gain[::-1].copy()
+                gain = gain_cache[key]
+            if gain is not None and fmt == "eer":
+                key = ("eer-gain", *shape)
+                if key not in gain_cache:
+                    # RELION's EER rules: an 8K gain for 4K frames is binned; a gain file
+                    # other than Thermo Fisher's multiplicative .gain is inverted
+                    mult = str(ctx.get("fn_gain_ref", "")).lower().endswith(".gain")
+                    gain_cache[key] = eer_gain(gain, shape, multiplicative=mult)
+                gain = gain_cache[key]
             res = correct_motion(frames, opts, gain=gain, defect_mask=defects, progress=note)
             n_frames = len(frames)
         stem = output_stem(name)

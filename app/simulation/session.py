@@ -7,12 +7,13 @@ EPU (via :func:`metadata.synth.write_epu_session`)::
     out/Images-Disc1/GridSquare_<gs>/FoilHoles/FoilHole_<fh>_<date>_<time>.xml
     out/Images-Disc1/GridSquare_<gs>/Data/FoilHole_<fh>_Data_<d>_<n>_<date>_<time>.xml
     <movie_root or out>/Images-Disc1/GridSquare_<gs>/Data/<same stem>_fractions.tiff | _Fractions.mrc
-    <movie_root or out>/gain_reference.mrc, defects.txt
+    <movie_root or out>/gain_reference.mrc (.gain for EER movies), defects.txt
 
 SerialEM (via :func:`metadata.synth.write_mdoc`)::
 
     out/<prefix>_<nnnnn>.tif and out/<prefix>_<nnnnn>.tif.mdoc   (or .mrc / .mrc.mdoc)
-    out/CountRef_<prefix>.dm4 (as SerialEM copies a K2/K3's gain reference), out/defects.txt
+    out/CountRef_<prefix>.dm4 (as SerialEM copies a K2/K3's gain reference; .gain for EER),
+    out/defects.txt
 
 Both: ``out/ground_truth/`` with ``movies_truth.star`` (true defocus, drift, ... per movie,
 movie paths relative to ``out``), ``coordinates_truth.star`` (every particle's frame-1
@@ -46,16 +47,16 @@ import pandas as pd
 
 from app.errors import UserError
 from app.simulation.writers import (
+    gain_name_for,
     movie_truth_row,
     write_defects,
+    write_gain,
     write_json,
     write_movie,
     write_movie_truth,
 )
 from compute.backend import to_numpy
-from metadata.images import write_mrc
 from metadata.star import write_star
-from metadata.synth import write_dm4_image
 
 log = logging.getLogger(__name__)
 
@@ -268,13 +269,13 @@ def write_epu_session_sim(
                   dose_e_a2=spec.dose_per_frame_e_a2 * spec.n_frames,
                   exposure_time_s=spec.exposure_time_s,
                   readout_width=spec.shape[1], readout_height=spec.shape[0])
+    gain_name = gain_name_for(spec.movie_format)
     if spec.movie_format == "eer":
         xml_kw.update(eer_frame_rate_hz=spec.n_frames * spec.eer_frames_per_fraction
-                      / spec.exposure_time_s, eer_gain_reference="gain_reference.mrc",
+                      / spec.exposure_time_s, eer_gain_reference=gain_name,
                       camera_name="EF-Falcon", detector_commercial_name="Falcon 4i")
     mroot.mkdir(parents=True, exist_ok=True)
-    write_mrc(mroot / "gain_reference.mrc", detector.gain_reference,
-              pixel_size_a=spec.pixel_size_a)
+    write_gain(mroot / gain_name, detector.gain_reference, pixel_size_a=spec.pixel_size_a)
     write_defects(mroot / "defects.txt", detector.hot_pixels, detector.dead_pixels)
 
     def writer(mpath: Path, info) -> None:
@@ -297,7 +298,7 @@ def write_epu_session_sim(
                                movie_format=spec.movie_format, movie_root=movie_root,
                                movie_writer=writer, **xml_kw)
     truth.finish(spec, {"layout": "epu", "command": command, "movie_root": str(mroot),
-                        "gain_reference": "gain_reference.mrc", "defects": "defects.txt",
+                        "gain_reference": gain_name, "defects": "defects.txt",
                         "n_movies": len(movies)})
     return movies
 
@@ -350,9 +351,11 @@ def write_serialem_session_sim(
         return final
     out.mkdir(parents=True, exist_ok=True)
     detector = _detector(spec)
-    gain_name = f"CountRef_{prefix}.dm4"  # SerialEM copies DigitalMicrograph's gain reference
-    write_dm4_image(out / gain_name, to_numpy(detector.gain_reference).astype(np.float32),
-                    pixel_size_nm=spec.pixel_size_a / 10.0)
+    # SerialEM copies DigitalMicrograph's gain reference of a K2/K3; a Falcon's EER comes with
+    # Thermo Fisher's .gain
+    gain_name = (gain_name_for("eer", f"CountRef_{prefix}") if spec.movie_format == "eer"
+                 else f"CountRef_{prefix}.dm4")
+    write_gain(out / gain_name, detector.gain_reference, pixel_size_a=spec.pixel_size_a)
     write_defects(out / "defects.txt", detector.hot_pixels, detector.dead_pixels)
     truth = _Truth(out)
     ext = {"tiff": "tif", "mrc": "mrc", "eer": "eer"}[spec.movie_format]

@@ -4,7 +4,8 @@ Layout written by the ``write_*_set`` functions (``out`` is the folder given)::
 
     out/particles.mrcs, out/particles.star            a RELION 4 extraction-like stack
     out/Micrographs/mic_00001.mrc, out/micrographs.star
-    out/Movies/movie_00001.tiff|.mrc, out/movies.star, out/gain_reference.mrc, out/defects.txt
+    out/Movies/movie_00001.tiff|.mrc|.eer, out/movies.star, out/gain_reference.mrc (.gain for
+    EER), out/defects.txt
     out/ground_truth/...                              truth JSON + STAR (see each function)
 
 Movies hold raw electron counts (``uint8`` LZW TIFF, MRC mode 0 (int8) / mode 6 (uint16), or
@@ -94,8 +95,10 @@ def write_movie(path: str | Path, frames: np.ndarray, pixel_size_a: float | None
         import tifffile
 
         tmp = p.with_name(f".{p.name}.part")
-        tifffile.imwrite(tmp, data, compression="lzw", photometric="minisblack",
-                         metadata=None)
+        # stored flipped in Y: readers of TIFF movies (RELION, MotionCor2, IMOD, ours) flip
+        # them back, so the frames read are ``frames`` and the ground truth holds
+        tifffile.imwrite(tmp, np.ascontiguousarray(data[:, ::-1]), compression="lzw",
+                         photometric="minisblack", metadata=None)
         tmp.replace(p)
     elif fmt == "mrc":
         import mrcfile
@@ -118,6 +121,37 @@ def write_movie(path: str | Path, frames: np.ndarray, pixel_size_a: float | None
     else:
         raise UserError(f"{p}: unknown movie format {fmt!r}; use one of {', '.join(MOVIE_FORMATS)}")
     return p
+
+
+def write_gain(path: str | Path, gain, pixel_size_a: float | None = None) -> Path:
+    """Write a multiplicative gain reference in the format its suffix names, so that
+    :func:`metadata.frames.read_gain` (RELION's conventions) returns ``gain`` again:
+
+    - ``.mrc``: as is;
+    - ``.gain`` (Thermo Fisher, for EER movies): a float32 TIFF, as stored (multiplicative);
+    - ``.dm4`` (DigitalMicrograph, as SerialEM copies a K2/K3's): flipped in Y on disk, since
+      IMOD/RELION read top-left-origin images flipped.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    g = to_numpy(gain).astype(np.float32)
+    suf = p.suffix.lower()
+    if suf == ".gain":
+        import tifffile
+
+        tifffile.imwrite(p, g, photometric="minisblack", metadata=None)
+        return p
+    if suf == ".dm4":
+        from metadata.synth import write_dm4_image
+
+        return write_dm4_image(p, np.ascontiguousarray(g[::-1]),
+                               pixel_size_nm=(pixel_size_a or 10.0) / 10.0)
+    return write_mrc(p, g, pixel_size_a=pixel_size_a)
+
+
+def gain_name_for(fmt: str, stem: str = "gain_reference") -> str:
+    """EER movies come with Thermo Fisher's multiplicative ``.gain``; others with an MRC."""
+    return f"{stem}.gain" if fmt == "eer" else f"{stem}.mrc"
 
 
 def write_defects(path: str | Path, hot_yx: np.ndarray, dead_yx: np.ndarray) -> Path:
@@ -289,7 +323,7 @@ def write_movie_set(out: str | Path, n: int, make_movie: Callable[[int], Any], *
     :class:`compute.simulate.movie.Movie`; all share one detector, i.e. gain and defects).
 
     Writes ``Movies/movie_NNNNN.<fmt>``, ``movies.star`` (optics + movies, as input to
-    motion correction), ``gain_reference.mrc``, ``defects.txt`` and ``ground_truth/``:
+    motion correction), ``gain_reference.mrc`` (``.gain`` for EER), ``defects.txt`` and ``ground_truth/``:
     ``movies_truth.star``, per movie ``movie_NNNNN.json`` + ``movie_NNNNN_shifts.star``
     and the noise-free, undamaged frame-0 image ``movie_NNNNN_truth.mrc`` (e/px/frame).
     """
@@ -324,8 +358,8 @@ def write_movie_set(out: str | Path, n: int, make_movie: Callable[[int], Any], *
                            {"optics": optics, "movies": pd.DataFrame(rows)}),
         "truth_star": write_star(out / "ground_truth" / "movies_truth.star",
                                  {"optics": optics, "movies": pd.DataFrame(truth_rows)}),
-        "gain": write_mrc(out / "gain_reference.mrc", to_numpy(first.gain),
-                          pixel_size_a=t.micrograph.pixel_size_a),
+        "gain": write_gain(out / gain_name_for(fmt), first.gain,
+                           pixel_size_a=t.micrograph.pixel_size_a),
         "defects": write_defects(out / "defects.txt", t.hot_pixels, t.dead_pixels),
     }
     write_json(out / "ground_truth" / "run.json", {"command": command, "n": n, "format": fmt})

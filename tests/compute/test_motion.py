@@ -400,3 +400,21 @@ def test_ssnr_weight_matches_the_true_spectral_snr_under_dose_fading():
     # seeds 3-6: 0.95-1.27 with q4sum, 0.32-0.44 with the old normalisation
     assert 0.75 < np.median(ratio_new) < 1.5, np.median(ratio_new)
     assert np.median(ratio_old) < 0.6, np.median(ratio_old)
+
+
+def test_eer_gain_rules_follow_relion():
+    """RELION's EER gain rules: an 8K gain is reduced to 4K frames by 2x2 blocks; a gain that
+    is not Thermo Fisher's multiplicative .gain holds counts and is inverted (0 = defect)."""
+    from compute.motion import eer_gain
+
+    rng = np.random.default_rng(0)
+    g8 = (0.5 + rng.random((8, 12))).astype(np.float32)
+    g4 = eer_gain(g8, (4, 6))
+    np.testing.assert_allclose(g4, g8.reshape(4, 2, 6, 2).mean(axis=(1, 3)), rtol=1e-6)
+    counts = (50 + 10 * rng.random((4, 6))).astype(np.float32)
+    counts[1, 2] = 0
+    inv = eer_gain(counts, (4, 6), multiplicative=False)
+    pos = counts > 0
+    np.testing.assert_allclose(inv[pos] * counts[pos], counts[pos].mean(), rtol=1e-5)
+    assert inv[1, 2] == 0
+    np.testing.assert_array_equal(eer_gain(counts, (4, 6)), counts)  # .gain: as is

@@ -194,10 +194,47 @@ def test_dm4_gain_reference(tmp_path, dtype):
     p = synth.write_dm4_image(tmp_path / "CountRef_a.dm4", g, pixel_size_nm=0.105)
     got = read_gain(p)
     assert got.dtype == np.float32 and got.shape == (12, 20)
-    np.testing.assert_array_equal(got, g.astype(np.float32))
+    # top-left origin: read flipped in Y, as IMOD's dm2mrc and TIFF movies
+    np.testing.assert_array_equal(got, g[::-1].astype(np.float32))
     cut = tmp_path / "cut.dm4"
     cut.write_bytes(p.read_bytes()[:300])
     with pytest.raises(MetadataError, match=r"cut\.dm4.*not a readable gain reference"):
         read_gain(cut)
     with pytest.raises(MetadataError, match="not a readable gain reference"):
         read_gain(synth.write_movie_stub(tmp_path / "x.dm4", n_frames=1))
+
+
+def test_gain_orientation_follows_relion(tmp_path):
+    """MRC as stored; .tif/.tiff flipped in Y (like TIFF movies, as RELION/IMOD read TIFF);
+    Thermo Fisher's .gain as stored (RELION's EER convention)."""
+    import mrcfile
+    import numpy as np
+    import tifffile
+
+    from metadata.frames import read_gain
+
+    g = np.arange(12, dtype=np.float32).reshape(3, 4) + 1
+    with mrcfile.new(tmp_path / "g.mrc") as m:
+        m.set_data(g)
+    tifffile.imwrite(tmp_path / "g.tif", g)
+    tifffile.imwrite(tmp_path / "g.gain", g)
+    np.testing.assert_array_equal(read_gain(tmp_path / "g.mrc"), g)
+    np.testing.assert_array_equal(read_gain(tmp_path / "g.tif"), g[::-1])
+    np.testing.assert_array_equal(read_gain(tmp_path / "g.gain"), g)
+
+
+def test_tiff_movie_frames_are_flipped_mrc_and_eer_are_not(tmp_path):
+    import mrcfile
+    import numpy as np
+    import tifffile
+
+    from metadata.frames import open_movie
+
+    f = np.arange(2 * 3 * 4, dtype=np.uint16).reshape(2, 3, 4)
+    tifffile.imwrite(tmp_path / "m.tiff", f, photometric="minisblack")
+    with mrcfile.new(tmp_path / "m.mrc") as m:
+        m.set_data(f)
+    with open_movie(tmp_path / "m.tiff") as mv:
+        np.testing.assert_array_equal(mv[1], f[1, ::-1])
+    with open_movie(tmp_path / "m.mrc") as mv:
+        np.testing.assert_array_equal(mv[1], f[1])

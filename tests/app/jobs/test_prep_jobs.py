@@ -38,7 +38,7 @@ def project(tmp_path, rng):
     for i in range(2):
         f = _frames(rng, shifts)
         p = mov / f"good_{i}.tiff"
-        tifffile.imwrite(p, f, compression="lzw")
+        tifffile.imwrite(p, f[:, ::-1], compression="lzw")  # TIFF: stored flipped in Y
         good.append(f)
     # truncated MRC
     with mrcfile.new(mov / "trunc.mrc") as m:
@@ -137,7 +137,8 @@ def test_dm4_gain_reference_as_serialem_copies_it(project):
     gain = (0.8 + 0.4 * np.random.default_rng(5).random((N, N))).astype(np.float32)
     with mrcfile.new(root / "gain.mrc") as m:
         m.set_data(gain)
-    write_dm4_image(root / "CountRef_x.dm4", gain)
+    # DigitalMicrograph stores top-left first: the same gain is flipped in Y on disk
+    write_dm4_image(root / "CountRef_x.dm4", np.ascontiguousarray(gain[::-1]))
     mics = {}
     for job, name in (("job002", "gain.mrc"), ("job003", "CountRef_x.dm4")):
         opts = {"input_star_mics": "Import/job001/movies.star", "fn_gain_ref": name,
@@ -193,3 +194,45 @@ def test_import_skips_serialem_montages_and_image_stacks(tmp_path, caplog):
     names = read_star(tmp_path / "Import/job001/movies.star")["movies"]["rlnMicrographMovieName"]
     assert list(names)[-1] == "Movies/m_003.mrc" and len(names) == 4
     assert not any("skipped" in r.getMessage() for r in caplog.records)
+
+
+def _simulated_micrograph(tmp_path, fmt, gain_name=None, gain_data=None):
+    """One simulated movie (seed fixed) through import + motioncorr; the summed micrograph."""
+    from app.cli import run
+
+    root = tmp_path / fmt
+    assert run(["simulate", "movies", "--out", str(root), "--n", "1", "--size", "128",
+                "--frames", "4", "--format", fmt, "--particles", "4", "--seed", "7"]) == 0
+    gain_file = gain_name or next(p.name for p in root.iterdir() if p.stem == "gain_reference")
+    if gain_data is not None:
+        with mrcfile.new(root / gain_name, overwrite=True) as m:
+            m.set_data(gain_data(root).astype(np.float32))
+    assert run_job("import", root / "Import/job001",
+                   {"fn_in_raw": f"Movies/*.{fmt}", "angpix": "1"}, project_dir=root) == 0
+    opts = {"input_star_mics": "Import/job001/movies.star", "fn_gain_ref": gain_file,
+            "patch_x": "1", "patch_y": "1", "do_float16": "false", "eer_grouping": "20",
+            "do_dose_weighting": "false"}
+    assert run_job("motioncorr", root / "MotionCorr/job002", opts, project_dir=root) == 0
+    row = read_star(root / "MotionCorr/job002/corrected_micrographs.star")["micrographs"]
+    with mrcfile.open(root / row["rlnMicrographName"].iloc[0]) as m:
+        return m.data.astype(np.float64)
+
+
+def test_tiff_and_mrc_movies_with_an_mrc_gain_give_the_same_micrograph(tmp_path):
+    """TIFF movies are read flipped in Y (RELION/MotionCor2/IMOD's convention) and the MRC
+    gain as stored: the same simulated movie as TIFF or as MRC gives the same micrograph."""
+    a = _simulated_micrograph(tmp_path, "tiff")
+    b = _simulated_micrograph(tmp_path, "mrc")
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3 * np.abs(b).max())
+
+
+def test_eer_gain_as_thermo_fisher_gain_or_as_counts_gives_the_same_micrograph(tmp_path):
+    """RELION's EER rules: the .gain is multiplicative; another gain file holds counts (its
+    inverse) and is inverted."""
+    from metadata.frames import read_gain
+
+    a = _simulated_micrograph(tmp_path, "eer")
+    b = _simulated_micrograph(tmp_path / "b", "eer", gain_name="counts.mrc",
+                              gain_data=lambda root: 1.0 / read_gain(root / "gain_reference.gain"))
+    assert (tmp_path / "eer" / "gain_reference.gain").is_file()
+    np.testing.assert_allclose(a / a.mean(), b / b.mean(), rtol=1e-3, atol=1e-3)
