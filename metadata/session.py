@@ -177,6 +177,11 @@ def index_epu_session(root: str | Path, *, movie_roots: Iterable[str | Path] = (
     if dm_path.exists():
         sess_file = epu.parse_session_dm(dm_path)
         session = sess_file.to_session_record()
+        if movies_need_gain(session.dose_fractions_output_format):
+            session.warnings.append(
+                f"EPU saved the movies without gain normalisation (DoseFractionsOutputFormat "
+                f"'{session.dose_fractions_output_format}'): motion correction needs the gain "
+                "reference EPU wrote with them")
     else:
         session = SessionRecord(software="EPU", name=root.name, path=str(root),
                                 warnings=["no EpuSession.dm: session name, formats and storage "
@@ -288,6 +293,13 @@ def index_serialem_folder(root: str | Path) -> SessionIndex:
     session.n_metadata_without_movie = len(idx.metadata_without_movie)
     session.derived = ["n_movies", "n_metadata_without_movie"]
     return idx
+
+
+def movies_need_gain(dose_fractions_output_format: str | None) -> bool:
+    """EpuSession.dm's ``DoseFractionsOutputFormat`` says the movies are not gain-normalised
+    (``Tiff Lzw Non-Gain normalized``; EER is never gain-normalised)."""
+    f = (dose_fractions_output_format or "").lower().replace("-", " ")
+    return "non gain" in f or "eer" in f
 
 
 def _has_piece_coordinates(path: Path) -> bool:

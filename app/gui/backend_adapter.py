@@ -129,6 +129,12 @@ def parse_session(path: str | Path) -> ParsedSession:
                                     else (str(gain), None, how))
     if gain_warning:
         warnings.append(gain_warning)
+    elif gain is None and not rec.gain_reference and res.session is not None:
+        from metadata.session import movies_need_gain
+
+        if movies_need_gain(res.session.dose_fractions_output_format):
+            warnings.append("no gain reference found for these non-gain-normalised movies: "
+                            "enter it (without it motion correction sums raw counts)")
     sw = (rec.software or (res.session.software if res.session else None) or "")
     kind = ("EPU" if res.kind.startswith("epu") or "epu" in sw.lower() else
             "SerialEM" if "serialem" in res.kind or res.kind == "mdoc" else res.kind)

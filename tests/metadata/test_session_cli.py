@@ -225,3 +225,16 @@ def test_serialem_folder_skips_montage_and_image_stacks(tmp_path):
     warns = " | ".join(res.session.warnings)
     assert "gm.mrc.mdoc: a montage with 6 image(s)" in warns
     assert "anchor.mrc.mdoc: an image stack with 2 image(s)" in warns
+
+
+@pytest.mark.parametrize("fmt, warned", [("Tiff Lzw Non-Gain normalized", True),
+                                         ("Tiff Lzw Gain normalized", False),
+                                         ("EER", True), ("Mrc", False)])
+def test_session_warns_when_movies_need_a_gain_reference(tmp_path, fmt, warned):
+    """EPU says in EpuSession.dm whether the movies are gain-normalised."""
+    synth.write_epu_session_dm(tmp_path / "s" / "EpuSession.dm", dose_fractions_output_format=fmt)
+    synth.write_epu_movie_xml(tmp_path / "s/Images-Disc1/GridSquare_1/Data/"
+                              "FoilHole_2_Data_3_4_20240517_103000.xml")
+    res = session.read_any(tmp_path / "s")
+    assert any("without gain normalisation" in w for w in res.session.warnings) is warned
+    assert session.movies_need_gain(fmt) is warned

@@ -258,3 +258,15 @@ def test_parse_session_uses_the_detector_gain_rule_when_the_metadata_names_none(
     assert value == str((sess / "K3_gain.gain").resolve())
     assert source is None and "gain-reference rule" in derived
     assert any("found by the detector's rule" in w for w in ps.warnings)
+
+
+def test_parse_session_warns_when_non_normalised_movies_have_no_gain(tmp_path):
+    from metadata import synth
+
+    sess = tmp_path / "epu"
+    synth.write_epu_session(sess, n_grid_squares=1, holes_per_square=1, shots_per_hole=1,
+                            movie_format="tiff")
+    ps = be.parse_session(sess)
+    assert ps.values["gain_reference"][0] is None
+    assert any("no gain reference found for these non-gain-normalised movies" in w
+               for w in ps.warnings)
