@@ -362,7 +362,7 @@ def locate_gain_reference(named: str | None, *, movie_path: str | Path | None = 
     if sess is not None and sess.is_file():
         sess = sess.parent
     if named:
-        base = PureWindowsPath(named).name if ("\\" in named or ":" in named) else Path(named).name
+        base = PureWindowsPath(named).name  # either separator: a camera-PC or a local path
         cands = [Path(named)] if Path(named).is_absolute() else []
         cands += [d / base for d in (movie_dir, sess) if d is not None]
         for c in cands:

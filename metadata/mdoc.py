@@ -75,6 +75,8 @@ class MdocFile:
     #: ``[FrameSet]`` movie (``FrameTSStartEndFrames``), as ``{"z", "tilt_angle_deg",
     #: "first_frame", "last_frame", "dose_e_a2", "prior_dose_e_a2"}``; empty otherwise
     frame_tilts: list[dict[str, float | int | None]] = field(default_factory=list)
+    #: a navigator montage (``Montage = 1``, ``[MontSection]`` or ``PieceCoordinates``)
+    is_montage: bool = False
 
     @property
     def is_frame_mdoc(self) -> bool:
@@ -354,8 +356,8 @@ def parse_mdoc(path: str | Path, data: bytes | None = None) -> MdocFile:
                                     "first_frame": first, "last_frame": last,
                                     "dose_e_a2": _f(v, "ExposureDose", p),
                                     "prior_dose_e_a2": _f(v, "PriorRecordDose", p)})
-            image_sections = [(k, v) for k, v in image_sections
-                              if not any(v is r for _, r in ranges)]
+            taken = {id(v) for _, v in ranges}
+            image_sections = [(k, v) for k, v in image_sections if id(v) not in taken]
     records = []
     for kind, vals in image_sections:
         rec = _section_record(p, kind, vals, glob, software, version, d_number,
@@ -373,7 +375,10 @@ def parse_mdoc(path: str | Path, data: bytes | None = None) -> MdocFile:
                     microscope_id=d_number, titles=titles, global_data=glob, sections=records,
                     section_kind=image_sections[0][0], parser=parser, cameras=cameras,
                     n_montage_sections=len(raw_sections) - len(image_sections) - len(frame_tilts),
-                    frame_tilts=frame_tilts)
+                    frame_tilts=frame_tilts,
+                    is_montage=(str(glob.get("Montage", "")).strip() == "1"
+                                or any(k == "MontSection" or "PieceCoordinates" in v
+                                       for k, v in raw_sections)))
 
 
 def _section_record(p: Path, kind: str, vals: dict[str, str], glob: dict[str, str], software,

@@ -266,14 +266,12 @@ def index_serialem_folder(root: str | Path) -> SessionIndex:
         # in the same folder as the frame mdocs: its sections are images, not movies
         movie_sections = [k for k, rec in enumerate(m.sections)
                           if m.is_frame_mdoc or rec.sub_frame_path]
-        montage = bool(m.n_montage_sections or str(m.global_data.get("Montage", "")).strip() == "1"
-                       or _has_piece_coordinates(p))
-        if not movie_sections and not montage and len(m.sections) == 1:
+        if not movie_sections and not m.is_montage and len(m.sections) == 1:
             movie_sections = [0]  # one image, no frame path: may be an old frame mdoc; kept
         if len(movie_sections) < len(m.sections):
             n_img = len(m.sections) - len(movie_sections)
             idx.skipped_images += n_img
-            what = "a montage" if montage else "an image stack"
+            what = "a montage" if m.is_montage else "an image stack"
             session.warnings.append(f"{p.name}: {what} with {n_img} image(s) without frames "
                                     "(not movies), skipped")
         if not movie_sections:
@@ -300,14 +298,6 @@ def movies_need_gain(dose_fractions_output_format: str | None) -> bool:
     (``Tiff Lzw Non-Gain normalized``; EER is never gain-normalised)."""
     f = (dose_fractions_output_format or "").lower().replace("-", " ")
     return "non gain" in f or "eer" in f
-
-
-def _has_piece_coordinates(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return b"PieceCoordinates" in fh.read(1 << 16)
-    except OSError:
-        return False
 
 
 _SESSION_ROOT = re.compile(rb"<(?:[\w.-]+:)?EpuSessionXml[\s/>]")

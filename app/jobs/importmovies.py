@@ -144,7 +144,7 @@ def _not_a_movie(path: Path) -> str | None:
         return None
     if m.is_frame_mdoc:
         return None
-    if m.n_montage_sections or str(m.global_data.get("Montage", "")).strip() == "1":
+    if m.is_montage:
         return f"a montage ({len(m.sections)} pieces; {md.name})"
     if len(m.sections) > 1:
         return f"an image stack of {len(m.sections)} images ({md.name})"

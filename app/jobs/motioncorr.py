@@ -216,6 +216,7 @@ class MotionCorrJob(Job):
         raw_gain = (read_gain(resolve_path(gain_file, project_dir=ctx.project_dir))
                     if gain_file else None)
         self._gain_name = gain_file or "None"
+        self._gain_is_tfs = gain_file.lower().endswith(".gain")  # Thermo Fisher, multiplicative
         if raw_gain is not None and Path(gain_file).suffix.lower() in DM_SUFFIXES:
             # RELION and MotionCor2 read MRC gain references, not Gatan's .dm4: keep an MRC
             # copy (as read, before gain_rot/gain_flip) and name it in the outputs
@@ -311,8 +312,7 @@ class MotionCorrJob(Job):
             def note(stage: str) -> None:
                 ctx.check_abort()
 
-            if gain is not None and fmt == "tiff" and \
-                    str(ctx.get("fn_gain_ref", "")).lower().endswith(".gain"):
+            if gain is not None and fmt == "tiff" and self._gain_is_tfs:
                 # a Thermo Fisher .gain is a TIFF: with TIFF movies it is flipped like them
                 key = ("tiff-gain", *shape)
                 if key not in gain_cache:
@@ -323,8 +323,7 @@ class MotionCorrJob(Job):
                 if key not in gain_cache:
                     # RELION's EER rules: an 8K gain for 4K frames is binned; a gain file
                     # other than Thermo Fisher's multiplicative .gain is inverted
-                    mult = str(ctx.get("fn_gain_ref", "")).lower().endswith(".gain")
-                    gain_cache[key] = eer_gain(gain, shape, multiplicative=mult)
+                    gain_cache[key] = eer_gain(gain, shape, multiplicative=self._gain_is_tfs)
                 gain = gain_cache[key]
             res = correct_motion(frames, opts, gain=gain, defect_mask=defects, progress=note)
             n_frames = len(frames)
@@ -345,7 +344,7 @@ class MotionCorrJob(Job):
             rec = {"rlnCtfPowerSpectrum": ctx.rel(ps_path), **rec}
         meta = ctx.path(stem + ".star")
         self._write_metadata(meta, res, name, n_frames, shape, opts, first, kv, ctx,
-                             getattr(self, "_gain_name", None) or "None")
+                             self._gain_name)
         rec.update({
             "rlnMicrographMetadata": ctx.rel(meta),
             "rlnOpticsGroup": group,
